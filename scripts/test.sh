@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The project's test command: checks formatting and lints, then runs every
+# test (unit, store conformance, end-to-end against the real binary).
+# Usage: scripts/test.sh            (from anywhere in the repository)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo not found: install Rust (https://rustup.rs) first" >&2
+    exit 1
+fi
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --all-targets --locked -- --include-ignored

@@ -1,0 +1,440 @@
+//! The HTTP endpoints: routing, input checks, and the worker jobs that answer.
+//!
+//! Handlers run on the reactor thread and must stay cheap: they parse and
+//! check the request, then either answer at once or return a job for a worker
+//! lane (bcrypt on the hashing lane, everything else that touches the store on
+//! the store lane). See `docs/API.md` for the contract they implement.
+
+use serde_json::{Map, Value};
+
+use crate::auth::{self, Tokens};
+use crate::config::AuthMode;
+use crate::http::{percent_decode, Request, Response};
+use crate::reactor::{room_json, store_error_response, Action, Outcome, Reactor, Upgrade};
+use crate::rooms::ConnRef;
+use crate::store::{DeleteOutcome, Room, Store, StoreError};
+use crate::ws::{self, WireMessage};
+
+/// Largest page of `GET /rooms/{name}/messages`.
+pub const MAX_PAGE: usize = 200;
+const DEFAULT_PAGE: usize = 50;
+
+type Answer = Result<Action, Response>;
+
+/// OPTIONS answers 204; a method outside `allow` answers 405.
+fn check_method(method: &str, allow: &'static str) -> Option<Response> {
+    if method == "OPTIONS" {
+        return Some(Response::no_content(allow));
+    }
+    let ok = allow
+        .split(", ")
+        .any(|m| m == method || (m == "GET" && method == "HEAD"));
+    (!ok).then(|| Response::method_not_allowed(allow))
+}
+
+/// The body as a JSON object.
+fn json_body(req: &Request) -> Result<Map<String, Value>, Response> {
+    if req.body.is_empty() {
+        return Err(Response::error(400, "Request body must be a JSON object"));
+    }
+    match serde_json::from_slice::<Value>(&req.body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Response::error(400, "Request body must be a JSON object")),
+        Err(e) => Err(Response::error(400, &format!("Invalid JSON: {e}"))),
+    }
+}
+
+/// A string field: `Ok(None)` when absent or null, 400 when another type.
+fn str_field<'a>(map: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, Response> {
+    match map.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(Response::error(
+            400,
+            &format!("Field '{name}' must be a string"),
+        )),
+    }
+}
+
+/// A name someone claims in open mode. Looser than the registration rule,
+/// so names written by the Go original keep working.
+fn claimed_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+        return Some("username must be 1 to 64 characters without control characters");
+    }
+    None
+}
+
+impl Reactor {
+    pub(crate) fn route(&mut self, conn: ConnRef, req: &Request) -> Action {
+        match self.route_inner(conn, req) {
+            Ok(action) => action,
+            Err(resp) => Action::Reply(resp),
+        }
+    }
+
+    fn route_inner(&mut self, conn: ConnRef, req: &Request) -> Answer {
+        let method = req.method.as_str();
+        let path = req.path.as_str();
+        let allowed = |allow: &'static str| match check_method(method, allow) {
+            Some(resp) => Err(resp),
+            None => Ok(()),
+        };
+        match path {
+            "/register" => {
+                allowed("POST, OPTIONS")?;
+                self.register(conn, req)
+            }
+            "/login" => {
+                allowed("POST, OPTIONS")?;
+                self.login(conn, req)
+            }
+            "/rooms" => {
+                allowed("GET, POST, DELETE, OPTIONS")?;
+                match method {
+                    "POST" => self.create_room(conn, req),
+                    "DELETE" => self.delete_room(conn, req),
+                    _ => Ok(Action::Store(Box::new(move |s: &dyn Store| {
+                        Outcome::Rooms {
+                            conn,
+                            result: s.list_rooms(),
+                        }
+                    }))),
+                }
+            }
+            "/healthz" => {
+                allowed("GET, OPTIONS")?;
+                Ok(Action::Reply(Response::json(
+                    200,
+                    &serde_json::json!({ "status": "ok" }),
+                )))
+            }
+            "/readyz" => {
+                allowed("GET, OPTIONS")?;
+                Ok(Action::Store(Box::new(move |s: &dyn Store| {
+                    let resp = match s.ping() {
+                        Ok(()) => Response::json(200, &serde_json::json!({ "status": "ready" })),
+                        Err(e) => {
+                            log::warn!("readiness check failed: {e}");
+                            Response::error(503, "Storage is unavailable")
+                        }
+                    };
+                    Outcome::Http { conn, resp }
+                })))
+            }
+            "/metrics" => {
+                allowed("GET, OPTIONS")?;
+                Ok(Action::Reply(Response::text(
+                    200,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    self.metrics_text(),
+                )))
+            }
+            "/ws" => {
+                allowed("GET, OPTIONS")?;
+                Err(Response::error(
+                    400,
+                    "Room name required: connect to /ws/{room}",
+                ))
+            }
+            _ => {
+                if let Some(rest) = path.strip_prefix("/ws/") {
+                    allowed("GET, OPTIONS")?;
+                    return self.ws_upgrade(req, rest);
+                }
+                if let Some(name) = path
+                    .strip_prefix("/rooms/")
+                    .and_then(|p| p.strip_suffix("/messages"))
+                {
+                    allowed("GET, OPTIONS")?;
+                    return self.room_messages(conn, req, name);
+                }
+                Err(Response::error(404, "Not found"))
+            }
+        }
+    }
+
+    /// Who is asking. A token, when sent, must be valid and wins; in token
+    /// mode one is required; otherwise the claimed name (if any) is used.
+    fn identity(&self, req: &Request, claimed: Option<&str>) -> Result<Option<String>, Response> {
+        if let Some(token) = req.bearer_token() {
+            return match self.tokens.verify(&token) {
+                Some(user) => Ok(Some(user)),
+                None => Err(Response::error(401, "Invalid or expired token")),
+            };
+        }
+        if self.cfg.auth_mode == AuthMode::Token {
+            return Err(Response::error(
+                401,
+                "Authentication required: send Authorization: Bearer <token> (from POST /login)",
+            ));
+        }
+        match claimed {
+            None => Ok(None),
+            Some(name) => match claimed_name_problem(name) {
+                Some(why) => Err(Response::error(400, why)),
+                None => Ok(Some(name.to_owned())),
+            },
+        }
+    }
+
+    fn register(&mut self, conn: ConnRef, req: &Request) -> Answer {
+        let body = json_body(req)?;
+        let username = str_field(&body, "username")?;
+        let password = match str_field(&body, "password_hash")? {
+            Some(p) => Some(p),
+            None => str_field(&body, "password")?,
+        };
+        let (Some(username), Some(password)) = (username, password) else {
+            return Err(Response::error(
+                400,
+                "username and password_hash are required",
+            ));
+        };
+        if let Some(why) = auth::username_problem(username) {
+            return Err(Response::error(400, why));
+        }
+        if auth::is_reserved(username) {
+            return Err(Response::error(400, "username 'Anonymous' is reserved"));
+        }
+        if let Some(why) = auth::password_problem(password) {
+            return Err(Response::error(400, why));
+        }
+        let (username, password) = (username.to_owned(), password.to_owned());
+        let cost = self.cfg.bcrypt_cost;
+        Ok(Action::Hash(Box::new(move |store: &dyn Store| {
+            // A taken name is refused before spending a hash on it; the
+            // unique key still decides any race.
+            let resp = match store.password_hash(&username) {
+                Ok(Some(_)) => Response::error(409, "Username already taken"),
+                Err(e) => store_error_response(&e),
+                Ok(None) => match bcrypt::hash(&password, cost) {
+                    Err(e) => {
+                        log::error!("bcrypt failed: {e}");
+                        Response::error(500, "Could not hash the password")
+                    }
+                    Ok(hash) => match store.create_user(&username, &hash) {
+                        Ok(()) => {
+                            log::info!("registered user {username}");
+                            Response::message(200, "User registered successfully")
+                        }
+                        Err(StoreError::Conflict) => Response::error(409, "Username already taken"),
+                        Err(e) => store_error_response(&e),
+                    },
+                },
+            };
+            Outcome::Http { conn, resp }
+        })))
+    }
+
+    fn login(&mut self, conn: ConnRef, req: &Request) -> Answer {
+        let body = json_body(req)?;
+        let username = str_field(&body, "username")?;
+        let password = match str_field(&body, "password_hash")? {
+            Some(p) => Some(p),
+            None => str_field(&body, "password")?,
+        };
+        let (Some(username), Some(password)) = (username, password) else {
+            return Err(Response::error(
+                400,
+                "username and password_hash are required",
+            ));
+        };
+        let (username, password) = (username.to_owned(), password.to_owned());
+        let cost = self.cfg.bcrypt_cost;
+        let tokens: Tokens = self.tokens.clone();
+        Ok(Action::Hash(Box::new(move |store: &dyn Store| {
+            let stored = match store.password_hash(&username) {
+                Ok(h) => h,
+                Err(e) => {
+                    return Outcome::Http {
+                        conn,
+                        resp: store_error_response(&e),
+                    }
+                }
+            };
+            // An unknown user costs one verification too, so the answer's
+            // timing does not tell which names exist.
+            let ok = match &stored {
+                Some(hash) => bcrypt::verify(&password, hash).unwrap_or(false),
+                None => {
+                    let _ = bcrypt::verify(&password, auth::dummy_hash(cost));
+                    false
+                }
+            };
+            let resp = if !ok {
+                Response::error(401, "Invalid credentials")
+            } else {
+                match tokens.issue(&username) {
+                    Ok(token) => Response::json(
+                        200,
+                        &serde_json::json!({
+                            "message": "Login successful",
+                            "username": username,
+                            "token": token,
+                        }),
+                    ),
+                    Err(e) => {
+                        log::error!("cannot sign a token: {e}");
+                        Response::error(500, "Could not issue a token")
+                    }
+                }
+            };
+            Outcome::Http { conn, resp }
+        })))
+    }
+
+    fn create_room(&mut self, conn: ConnRef, req: &Request) -> Answer {
+        let body = json_body(req)?;
+        let name = str_field(&body, "name")?;
+        let claimed = str_field(&body, "username")?;
+        let creator = self.identity(req, claimed)?;
+        let Some(name) = name else {
+            return Err(Response::error(400, "Room name required"));
+        };
+        if let Some(why) = auth::room_name_problem(name) {
+            return Err(Response::error(400, why));
+        }
+        let Some(creator) = creator else {
+            return Err(Response::error(400, "Room name and username required"));
+        };
+        let room = Room {
+            name: name.to_owned(),
+            creator,
+            created_at: ws::now_millis(),
+        };
+        Ok(Action::Store(Box::new(move |store: &dyn Store| {
+            let resp = match store.create_room(&room) {
+                Ok(()) => Response::json(201, &room_json(&room)),
+                Err(StoreError::Conflict) => Response::error(409, "Room already exists"),
+                Err(e) => store_error_response(&e),
+            };
+            Outcome::Http { conn, resp }
+        })))
+    }
+
+    fn delete_room(&mut self, conn: ConnRef, req: &Request) -> Answer {
+        let name = req.query_param("name").filter(|n| !n.is_empty());
+        let claimed = req.query_param("username").filter(|n| !n.is_empty());
+        let requester = self.identity(req, claimed.as_deref())?;
+        let (Some(name), Some(requester)) = (name, requester) else {
+            return Err(Response::error(400, "Room name and username required"));
+        };
+        Ok(Action::Store(Box::new(move |store: &dyn Store| {
+            let (resp, deleted) = match store.delete_room(&name, &requester) {
+                Ok(DeleteOutcome::Deleted) => {
+                    log::info!("room {name:?} deleted by {requester}");
+                    (Response::message(200, "Room deleted successfully"), true)
+                }
+                Ok(DeleteOutcome::NotFound) => (Response::error(404, "Room not found"), false),
+                Ok(DeleteOutcome::Forbidden) => (
+                    Response::error(403, "Only the room creator can delete this room"),
+                    false,
+                ),
+                Err(e) => (store_error_response(&e), false),
+            };
+            Outcome::Deleted {
+                conn,
+                room: name,
+                resp,
+                deleted,
+            }
+        })))
+    }
+
+    fn room_messages(&mut self, conn: ConnRef, req: &Request, encoded: &str) -> Answer {
+        let Some(name) = percent_decode(encoded, false) else {
+            return Err(Response::error(
+                400,
+                "Room name is not valid percent-encoded UTF-8",
+            ));
+        };
+        if let Some(why) = auth::room_name_problem(&name) {
+            return Err(Response::error(400, why));
+        }
+        let limit = match req.query_param("limit") {
+            None => DEFAULT_PAGE,
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if n > 0 => n.min(MAX_PAGE),
+                _ => {
+                    return Err(Response::error(
+                        400,
+                        "limit must be a whole number from 1 to 200",
+                    ))
+                }
+            },
+        };
+        let before = match req.query_param("before") {
+            None => None,
+            Some(v) => match v.parse::<i64>() {
+                Ok(n) => Some(n),
+                Err(_) => return Err(Response::error(400, "before must be a message seq number")),
+            },
+        };
+        Ok(Action::Store(Box::new(move |store: &dyn Store| {
+            let resp = match store.get_room(&name) {
+                Ok(None) => Response::error(404, "Room not found"),
+                Err(e) => store_error_response(&e),
+                Ok(Some(_)) => match store.messages_before(&name, before, limit) {
+                    Ok(page) => {
+                        let list: Vec<WireMessage<'_>> =
+                            page.iter().map(WireMessage::from).collect();
+                        Response::json(200, &list)
+                    }
+                    Err(e) => store_error_response(&e),
+                },
+            };
+            Outcome::Http { conn, resp }
+        })))
+    }
+
+    fn ws_upgrade(&mut self, req: &Request, encoded: &str) -> Answer {
+        if encoded.is_empty() {
+            return Err(Response::error(
+                400,
+                "Room name required: connect to /ws/{room}",
+            ));
+        }
+        let Some(room) = percent_decode(encoded, false) else {
+            return Err(Response::error(
+                400,
+                "Room name is not valid percent-encoded UTF-8",
+            ));
+        };
+        if let Some(why) = auth::room_name_problem(&room) {
+            return Err(Response::error(400, why));
+        }
+        if !req.wants_websocket {
+            return Err(Response::error(
+                426,
+                "This endpoint needs a WebSocket upgrade (Upgrade: websocket)",
+            ));
+        }
+        if req.ws_version.as_deref() != Some("13") {
+            return Err(Response::error(
+                400,
+                "Unsupported WebSocket version; use 13",
+            ));
+        }
+        let Some(key) = req.ws_key.as_deref().filter(|k| !k.is_empty()) else {
+            return Err(Response::error(400, "Missing Sec-WebSocket-Key"));
+        };
+        let claimed = req.query_param("username").filter(|n| !n.is_empty());
+        let username = self
+            .identity(req, claimed.as_deref())?
+            .unwrap_or_else(|| auth::ANONYMOUS.to_owned());
+        let since = match req.query_param("since") {
+            None => None,
+            Some(v) => match v.parse::<i64>() {
+                Ok(n) if n >= 0 => Some(n),
+                _ => return Err(Response::error(400, "since must be a message seq number")),
+            },
+        };
+        Ok(Action::Upgrade(Upgrade {
+            room,
+            username,
+            since,
+            accept: ws::accept_key(key),
+        }))
+    }
+}

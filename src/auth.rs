@@ -1,0 +1,216 @@
+//! Identity: the rules for names and passwords, bearer tokens, and the
+//! token secret.
+//!
+//! Tokens are JWTs signed with HS256 (`sub` = username, `iat`, `exp`), so any
+//! standard JWT library can read them. The secret comes from `TOKEN_SECRET`, or
+//! is generated once into `DATA_DIR/token_secret` (mode 0600) and reused.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+/// The name given to a WebSocket that sends no username in open mode.
+pub const ANONYMOUS: &str = "Anonymous";
+
+/// Longest password bcrypt reads, in bytes.
+pub const MAX_PASSWORD_BYTES: usize = 72;
+pub const MIN_PASSWORD_BYTES: usize = 8;
+
+/// Why a username is refused, or `None` when it is fine.
+pub fn username_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.chars().count() > 32 {
+        return Some("username must be 1 to 32 characters");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        return Some("username may contain only letters, digits, '_', '-' and '.'");
+    }
+    None
+}
+
+/// `Anonymous` (in any case) cannot be registered.
+pub fn is_reserved(name: &str) -> bool {
+    name.eq_ignore_ascii_case(ANONYMOUS)
+}
+
+pub fn password_problem(password: &str) -> Option<&'static str> {
+    let n = password.len();
+    if n < MIN_PASSWORD_BYTES {
+        return Some("password must be at least 8 bytes");
+    }
+    if n > MAX_PASSWORD_BYTES {
+        return Some("password must be at most 72 bytes");
+    }
+    None
+}
+
+/// Why a room name is refused, or `None` when it is fine.
+pub fn room_name_problem(name: &str) -> Option<&'static str> {
+    let chars = name.chars().count();
+    if chars == 0 || name.trim().is_empty() {
+        return Some("room name must not be blank");
+    }
+    if chars > 64 {
+        return Some("room name must be at most 64 characters");
+    }
+    if name.contains('/') {
+        return Some("room name must not contain '/'");
+    }
+    if name.chars().any(char::is_control) {
+        return Some("room name must not contain control characters");
+    }
+    None
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    iat: u64,
+    exp: u64,
+}
+
+/// Signs and checks tokens. Cheap to clone into worker jobs.
+#[derive(Clone)]
+pub struct Tokens {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    ttl: Duration,
+}
+
+impl Tokens {
+    pub fn new(secret: &[u8], ttl: Duration) -> Tokens {
+        Tokens {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            ttl,
+        }
+    }
+
+    /// A fresh token for `username`.
+    pub fn issue(&self, username: &str) -> Result<String, String> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let claims = Claims {
+            sub: username.to_owned(),
+            iat: now,
+            exp: now + self.ttl.as_secs(),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The username a valid, unexpired token names.
+    pub fn verify(&self, token: &str) -> Option<String> {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation).ok()?;
+        username_problem(&data.claims.sub)
+            .is_none()
+            .then_some(data.claims.sub)
+    }
+}
+
+/// The configured secret, or the one kept in `data_dir` (created on first use).
+pub fn load_secret(configured: Option<&str>, data_dir: &Path) -> Result<Vec<u8>, String> {
+    if let Some(s) = configured {
+        if s.len() < 16 {
+            return Err("TOKEN_SECRET must be at least 16 bytes".into());
+        }
+        return Ok(s.as_bytes().to_vec());
+    }
+    let path = data_dir.join("token_secret");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if s.trim().len() >= 32 => return Ok(s.trim().as_bytes().to_vec()),
+        Ok(_) => {
+            return Err(format!(
+                "{} is too short; delete it to regenerate",
+                path.display()
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    }
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw).map_err(|e| format!("no randomness for the token secret: {e}"))?;
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    match options.open(&path) {
+        Ok(mut f) => {
+            f.write_all(hex.as_bytes())
+                .and_then(|_| f.sync_all())
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            Ok(hex.into_bytes())
+        }
+        // Another process sharing the directory won the race: use its secret.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::read_to_string(&path)
+            .map(|s| s.trim().as_bytes().to_vec())
+            .map_err(|e| format!("cannot read {}: {e}", path.display())),
+        Err(e) => Err(format!("cannot create {}: {e}", path.display())),
+    }
+}
+
+/// A hash to verify against when a user does not exist, so that an unknown
+/// name takes as long to refuse as a wrong password.
+pub fn dummy_hash(cost: u32) -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| {
+        bcrypt::hash("not a real password, never matches", cost).unwrap_or_else(|_| {
+            "$2b$10$invalidinvalidinvalidinuinvalidinvalidinvalidinvalid".into()
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn username_rules() {
+        assert!(username_problem("user_1.2-x").is_none());
+        assert!(username_problem("").is_some());
+        assert!(username_problem(&"a".repeat(33)).is_some());
+        assert!(username_problem("has space").is_some());
+        assert!(username_problem("émile").is_some());
+        assert!(is_reserved("anonymous"));
+    }
+
+    #[test]
+    fn room_rules() {
+        assert!(room_name_problem("General chat").is_none());
+        assert!(room_name_problem("   ").is_some());
+        assert!(room_name_problem("a/b").is_some());
+        assert!(room_name_problem("bell\u{7}").is_some());
+        assert!(room_name_problem(&"é".repeat(64)).is_none());
+        assert!(room_name_problem(&"é".repeat(65)).is_some());
+    }
+
+    #[test]
+    fn tokens_round_trip_and_reject_tampering() {
+        let t = Tokens::new(b"0123456789abcdef0123", Duration::from_secs(60));
+        let tok = t.issue("alice").unwrap();
+        assert_eq!(t.verify(&tok).as_deref(), Some("alice"));
+        let other = Tokens::new(b"another secret entirely", Duration::from_secs(60));
+        assert!(other.verify(&tok).is_none());
+        let expired = Tokens::new(b"0123456789abcdef0123", Duration::from_secs(0));
+        let old = expired.issue("alice").unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        assert!(t.verify(&old).is_none());
+    }
+}

@@ -1,0 +1,258 @@
+//! Configuration: environment variables, a `.env` file and command-line flags,
+//! in one place.
+//!
+//! Precedence, highest first: a flag, a variable already in the environment, a
+//! line of `./.env`, the default. An empty variable counts as unset, so
+//! `MONGO_URI=` in a `.env` file selects the embedded store as the seed's
+//! example file implies.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// How the server learns who is speaking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// The seed's behaviour: the `username` parameter is trusted, a token wins when sent.
+    Open,
+    /// WebSocket connects and room changes need a valid bearer token.
+    Token,
+}
+
+/// Every setting of the server. `chatserver --help` prints this table.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "chatserver",
+    version,
+    about = "ChatConnect: REST accounts and rooms, WebSocket chat, SQLite or MongoDB storage.",
+    after_help = "Each flag can also be set by the environment variable shown, or by a line \
+                  of ./.env. An empty variable counts as unset."
+)]
+pub struct Config {
+    /// Listen port (0 picks a free one and logs it)
+    #[arg(long, env = "PORT", default_value_t = 8000)]
+    pub port: u16,
+
+    /// Listen address
+    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    pub host: String,
+
+    /// MongoDB connection string; unset means the embedded SQLite store
+    #[arg(long, env = "MONGO_URI", hide_env_values = true)]
+    pub mongo_uri: Option<String>,
+
+    /// MongoDB database name
+    #[arg(long, env = "MONGO_DB", default_value = "chatapp")]
+    pub mongo_db: String,
+
+    /// Directory of the embedded database and the generated token secret
+    #[arg(long, env = "DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// `open` trusts the username parameter; `token` requires bearer tokens
+    #[arg(long, env = "AUTH_MODE", value_enum, default_value_t = AuthMode::Open)]
+    pub auth_mode: AuthMode,
+
+    /// Token signing secret (generated once into DATA_DIR when unset)
+    #[arg(long, env = "TOKEN_SECRET", hide_env_values = true)]
+    pub token_secret: Option<String>,
+
+    /// Token lifetime
+    #[arg(long, env = "TOKEN_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub token_ttl: Duration,
+
+    /// bcrypt cost for new password hashes
+    #[arg(long, env = "BCRYPT_COST", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(4..=31))]
+    pub bcrypt_cost: u32,
+
+    /// Threads for blocking work (default: cores, at least 2)
+    #[arg(long, env = "WORKERS", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub workers: Option<u32>,
+
+    /// Messages sent to a WebSocket when it joins
+    #[arg(long, env = "HISTORY_LIMIT", default_value_t = 50)]
+    pub history_limit: usize,
+
+    /// Longest message content, in characters
+    #[arg(long, env = "MAX_MESSAGE_CHARS", default_value_t = 4000)]
+    pub max_message_chars: usize,
+
+    /// Value of Access-Control-Allow-Origin
+    #[arg(long, env = "CORS_ORIGIN", default_value = "*")]
+    pub cors_origin: String,
+
+    /// Messages per second per WebSocket; 0 turns the limit off
+    #[arg(long, env = "WS_RATE_LIMIT", default_value_t = 100.0)]
+    pub ws_rate_limit: f64,
+
+    /// Burst allowance of the rate limit
+    #[arg(long, env = "WS_RATE_BURST", default_value_t = 200.0)]
+    pub ws_rate_burst: f64,
+
+    /// Unsent bytes per WebSocket before it is closed as a slow consumer (1008)
+    #[arg(long, env = "WS_MAX_BACKLOG", default_value = "1MiB", value_parser = parse_size)]
+    pub ws_max_backlog: usize,
+
+    /// Largest WebSocket frame or message (1009 above it)
+    #[arg(long, env = "WS_MAX_MESSAGE", default_value = "64KiB", value_parser = parse_size)]
+    pub ws_max_message: usize,
+
+    /// Server ping period; a silent connection is closed after three periods
+    #[arg(long, env = "PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+
+    /// Time a client has to send a complete request head (408 after it)
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// Largest HTTP request head (431 above it)
+    #[arg(long, env = "HTTP_MAX_HEAD", default_value = "16KiB", value_parser = parse_size)]
+    pub http_max_head: usize,
+
+    /// Largest HTTP request body (413 above it)
+    #[arg(long, env = "HTTP_MAX_BODY", default_value = "64KiB", value_parser = parse_size)]
+    pub http_max_body: usize,
+
+    /// Most messages written to the store in one batch (1 turns group commit off)
+    #[arg(long, env = "STORE_BATCH_MAX", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub store_batch_max: u32,
+
+    /// Longest a graceful shutdown may take before connections are dropped
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+/// Every variable the server reads, for the empty-means-unset rule.
+const VARIABLES: &[&str] = &[
+    "PORT",
+    "HOST",
+    "MONGO_URI",
+    "MONGO_DB",
+    "DATA_DIR",
+    "AUTH_MODE",
+    "TOKEN_SECRET",
+    "TOKEN_TTL",
+    "BCRYPT_COST",
+    "WORKERS",
+    "HISTORY_LIMIT",
+    "MAX_MESSAGE_CHARS",
+    "CORS_ORIGIN",
+    "WS_RATE_LIMIT",
+    "WS_RATE_BURST",
+    "WS_MAX_BACKLOG",
+    "WS_MAX_MESSAGE",
+    "PING_INTERVAL",
+    "HTTP_HEADER_TIMEOUT",
+    "HTTP_MAX_HEAD",
+    "HTTP_MAX_BODY",
+    "STORE_BATCH_MAX",
+    "SHUTDOWN_TIMEOUT",
+];
+
+impl Config {
+    /// Read `./.env`, drop empty variables, then parse flags and environment.
+    /// Must run before any other thread starts (it edits the environment).
+    pub fn load() -> Config {
+        // A missing .env is normal; a malformed one is worth a warning, which
+        // the caller cannot log yet (logging needs the config), so print it.
+        if let Err(err) = dotenvy::from_path(".env") {
+            if !err.not_found() {
+                eprintln!("warning: ignoring ./.env: {err}");
+            }
+        }
+        for name in VARIABLES {
+            if std::env::var_os(name).is_some_and(|v| v.is_empty()) {
+                // SAFETY of the call: start-up is single-threaded here.
+                std::env::remove_var(name);
+            }
+        }
+        Config::parse()
+    }
+
+    /// The worker count in force.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            Some(n) => n as usize,
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                .max(2),
+        }
+    }
+
+    /// The listen address, or a sentence saying what is wrong with HOST/PORT.
+    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+        let host = self.host.trim_start_matches('[').trim_end_matches(']');
+        let ip: std::net::IpAddr = if host == "localhost" {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            host.parse()
+                .map_err(|_| format!("HOST {:?} is not an IP address", self.host))?
+        };
+        Ok(SocketAddr::new(ip, self.port))
+    }
+}
+
+/// `30s`, `500ms`, `24h`, `1h 30m`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); try 30s or 24h"))
+}
+
+/// `64KiB`, `1MiB`, `512`, `2KB`; binary and decimal suffixes, case-insensitive.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size; try 65536, 64KiB or 1MiB"))?;
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "kb" => 1000,
+        "m" | "mib" => 1 << 20,
+        "mb" => 1_000_000,
+        "g" | "gib" => 1 << 30,
+        "gb" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?}; use KiB or MiB"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("2kb").unwrap(), 2000);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("soon").is_err());
+    }
+}

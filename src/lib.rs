@@ -1,0 +1,86 @@
+//! ChatConnect: a real-time chat server on a single-threaded `mio` reactor.
+//!
+//! `main.rs` only reads the configuration and calls [`serve`]. The modules, in
+//! the order a request meets them: [`reactor`] (the event loop), [`http`]
+//! (parsing and responses), [`api`] (the endpoints), [`ws`] and [`rooms`]
+//! (WebSocket connections and the live room registry), [`workers`] (the
+//! threads that do blocking work), [`store`] (persistence), plus [`config`],
+//! [`auth`], [`metrics`] and [`outbuf`].
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod outbuf;
+pub mod reactor;
+pub mod rooms;
+pub mod store;
+pub mod workers;
+pub mod ws;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use config::{AuthMode, Config};
+use store::Store;
+
+/// Open the store, bind, serve until SIGINT or SIGTERM, then shut down
+/// gracefully. Errors are sentences for the operator.
+pub fn serve(cfg: Config) -> Result<(), String> {
+    let shared = Arc::new(metrics::Shared::default());
+    let backend: Box<dyn Store> = match &cfg.mongo_uri {
+        Some(_) => {
+            return Err(
+                "MONGO_URI is set, but this build has no MongoDB backend yet; unset it to use the embedded store"
+                    .into(),
+            )
+        }
+        None => {
+            let s = store::sqlite::SqliteStore::open(&cfg.data_dir)
+                .map_err(|e| format!("cannot open the embedded store: {e}"))?;
+            log::info!("store: SQLite at {}", s.path().display());
+            Box::new(s)
+        }
+    };
+    let store: Arc<dyn Store> = Arc::new(metrics::TimedStore::new(backend, shared.clone()));
+
+    let secret = auth::load_secret(cfg.token_secret.as_deref(), &cfg.data_dir)?;
+    let tokens = auth::Tokens::new(&secret, cfg.token_ttl);
+    if cfg.auth_mode == AuthMode::Open {
+        log::warn!(
+            "AUTH_MODE=open: clients choose their own username; set AUTH_MODE=token to require logins"
+        );
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = cfg.worker_count();
+    let (reactor, waker) = reactor::Reactor::new(cfg, store, shared, tokens, stop.clone())
+        .map_err(|e| format!("cannot listen: {e}"))?;
+
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if stop.swap(true, Ordering::SeqCst) {
+                    log::warn!("second signal {sig}: exiting now");
+                    std::process::exit(1);
+                }
+                log::info!("signal {sig}: shutting down gracefully");
+                let _ = waker.wake();
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+
+    log::info!(
+        "chatserver listening on {} ({} workers per lane)",
+        reactor.local_addr(),
+        workers
+    );
+    reactor.run().map_err(|e| format!("event loop failed: {e}"))
+}

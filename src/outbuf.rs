@@ -1,0 +1,175 @@
+//! A connection's unsent bytes.
+//!
+//! Chunks are reference-counted so that one encoded broadcast frame is queued
+//! to every member of a room without a copy. Writes are vectored: one `writev`
+//! sends as many queued chunks as the socket takes. An empty queue holds no
+//! heap memory, which keeps idle connections small.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+use std::rc::Rc;
+
+/// Chunks handed to one `writev` call at most.
+const MAX_IOVECS: usize = 64;
+
+#[derive(Default)]
+pub struct OutBuf {
+    chunks: VecDeque<Rc<[u8]>>,
+    /// Bytes of the front chunk already written.
+    offset: usize,
+    /// Unsent bytes in all chunks.
+    len: usize,
+}
+
+impl OutBuf {
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Unsent bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Queue a shared chunk.
+    pub fn push(&mut self, chunk: Rc<[u8]>) {
+        if chunk.is_empty() {
+            return;
+        }
+        self.len += chunk.len();
+        self.chunks.push_back(chunk);
+    }
+
+    /// Queue bytes owned by this connection alone.
+    pub fn push_bytes(&mut self, bytes: &[u8]) {
+        self.push(Rc::from(bytes));
+    }
+
+    /// Drop everything not yet started, keeping the rest of a chunk that is
+    /// half written (the peer must get whole frames).
+    pub fn discard_unstarted(&mut self) {
+        let keep = usize::from(self.offset > 0);
+        while self.chunks.len() > keep {
+            if let Some(c) = self.chunks.pop_back() {
+                self.len -= c.len();
+            }
+        }
+        if self.chunks.is_empty() {
+            self.release();
+        }
+    }
+
+    /// Write as much as the socket takes. Returns `Ok(true)` once everything
+    /// is written, `Ok(false)` when the socket would block first.
+    pub fn write_to<W: Write>(&mut self, sink: &mut W) -> io::Result<bool> {
+        while !self.chunks.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut n = 0;
+            for (i, chunk) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
+                let start = if i == 0 { self.offset } else { 0 };
+                slices[i] = IoSlice::new(&chunk[start..]);
+                n += 1;
+            }
+            match sink.write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => self.consume(written),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.release();
+        Ok(true)
+    }
+
+    fn consume(&mut self, mut written: usize) {
+        self.len -= written;
+        while written > 0 {
+            let Some(front) = self.chunks.front() else {
+                break;
+            };
+            let rest = front.len() - self.offset;
+            if written >= rest {
+                written -= rest;
+                self.offset = 0;
+                self.chunks.pop_front();
+            } else {
+                self.offset += written;
+                written = 0;
+            }
+        }
+    }
+
+    /// Give the queue's memory back once it is empty.
+    fn release(&mut self) {
+        self.offset = 0;
+        if self.chunks.capacity() > 0 {
+            self.chunks = VecDeque::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink that takes at most `step` bytes per call, then blocks after `limit`.
+    struct Trickle {
+        got: Vec<u8>,
+        step: usize,
+        limit: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.got.len() >= self.limit {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.step).min(self.limit - self.got.len());
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn partial_writes_keep_order_and_resume() {
+        let mut q = OutBuf::default();
+        q.push_bytes(b"hello ");
+        q.push(Rc::from(&b"shared "[..]));
+        q.push_bytes(b"world");
+        let mut sink = Trickle {
+            got: Vec::new(),
+            step: 4,
+            limit: 9,
+        };
+        assert!(!q.write_to(&mut sink).unwrap());
+        assert_eq!(q.len(), 18 - 9);
+        sink.limit = 100;
+        assert!(q.write_to(&mut sink).unwrap());
+        assert_eq!(sink.got, b"hello shared world");
+        assert!(q.is_empty());
+        assert_eq!(q.chunks.capacity(), 0);
+    }
+
+    #[test]
+    fn discard_keeps_half_written_chunk() {
+        let mut q = OutBuf::default();
+        q.push_bytes(b"abcdef");
+        q.push_bytes(b"ghij");
+        let mut sink = Trickle {
+            got: Vec::new(),
+            step: 3,
+            limit: 3,
+        };
+        assert!(!q.write_to(&mut sink).unwrap());
+        q.discard_unstarted();
+        assert_eq!(q.len(), 3);
+        q.push_bytes(b"Z");
+        sink.limit = 100;
+        assert!(q.write_to(&mut sink).unwrap());
+        assert_eq!(sink.got, b"abcdefZ");
+    }
+}

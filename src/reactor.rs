@@ -1,0 +1,1617 @@
+//! The event loop: one thread owns the listener, every connection and the
+//! room registry, and never blocks.
+//!
+//! Lifecycle of a connection: accepted as HTTP (a `Slab` entry whose key is
+//! its `mio::Token`), it reads requests and answers them in order; answers
+//! that need the store or bcrypt are computed by a worker and arrive back as a
+//! completion ([`Outcome`]) while the connection waits. A `GET /ws/{room}`
+//! upgrade turns the same entry into a WebSocket: it joins its room as
+//! *joining*, gets its history from a worker, then goes *live*. A closing
+//! connection sends what is queued, shuts its write side, and lingers until
+//! the peer hangs up or a deadline passes.
+//!
+//! Each pass of the loop: handle readiness events, continue connections that
+//! had more input than one turn allows, apply completions, submit one store
+//! batch per room that has waiting messages and none in flight, flush every
+//! connection that got output, and every tick check deadlines.
+
+use std::io::{self, Read};
+use std::net::{Shutdown, SocketAddr};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use slab::Slab;
+use tungstenite::error::{Error as WsError, ProtocolError};
+use tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::{Message, WebSocket};
+
+use crate::auth::Tokens;
+use crate::config::Config;
+use crate::http::{self, Parsed, Request, Response, ResponseHeaders};
+use crate::metrics::{Counters, Shared};
+use crate::outbuf::OutBuf;
+use crate::rooms::{ConnRef, Pending, Rooms};
+use crate::store::{NewMessage, Room, Store, StoreError, StoreResult, StoredMessage};
+use crate::workers::{Job, Pool};
+use crate::ws::{self, close, Bucket, WsIo};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+
+/// Messages (or requests) handled for one connection before others get a turn.
+const TURN_BUDGET: usize = 64;
+/// Largest single read.
+const READ_CHUNK: usize = 16 * 1024;
+/// A connection's unsent response bytes above which no further pipelined
+/// request is parsed until the peer reads.
+const HTTP_OUT_HIGH_WATER: usize = 1 << 20;
+/// Idle keep-alive connections are closed quietly after this.
+const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(60);
+/// How long a closing connection may take to hang up.
+const LINGER: Duration = Duration::from_secs(5);
+/// Jobs waiting per worker lane before the server answers 503.
+const QUEUE_CAPACITY: usize = 4096;
+/// Messages sent instead of the recent history when a client resumes.
+pub const RESUME_LIMIT: usize = 1000;
+
+/// A completion from a worker.
+pub enum Outcome {
+    /// An HTTP answer for a waiting connection.
+    Http { conn: ConnRef, resp: Response },
+    /// The room list, to be decorated with live member counts.
+    Rooms {
+        conn: ConnRef,
+        result: StoreResult<Vec<Room>>,
+    },
+    /// A room was deleted (or not): answer, and close its members if it was.
+    Deleted {
+        conn: ConnRef,
+        room: String,
+        resp: Response,
+        deleted: bool,
+    },
+    /// A joining WebSocket's room exists and here is its history.
+    Joined {
+        conn: ConnRef,
+        since: Option<i64>,
+        result: StoreResult<Vec<StoredMessage>>,
+    },
+    /// A batch of a room was stored (or not).
+    Batch {
+        room_key: usize,
+        room_id: u64,
+        senders: Vec<ConnRef>,
+        result: StoreResult<Vec<StoredMessage>>,
+    },
+}
+
+struct HttpConn {
+    sock: TcpStream,
+    inbuf: Vec<u8>,
+    out: OutBuf,
+    /// When the request being read must be complete (or, when `idle`, when
+    /// the idle keep-alive connection is closed).
+    deadline: Instant,
+    idle: bool,
+    /// A worker is computing the answer: (keep-alive, HEAD).
+    awaiting: Option<(bool, bool)>,
+    /// Close once the output is sent.
+    closing: bool,
+    /// Write side shut, reading until the peer hangs up.
+    lingering: bool,
+    peer_eof: bool,
+    continue_sent: bool,
+    read_paused: bool,
+}
+
+enum Phase {
+    /// Waiting for the history; live messages are kept here meanwhile.
+    Joining {
+        buffered: Vec<(i64, Rc<[u8]>)>,
+        bytes: usize,
+    },
+    Live,
+    /// A close frame is queued; `shut` once it has gone out.
+    Closing {
+        deadline: Instant,
+        shut: bool,
+    },
+}
+
+struct WsConn {
+    ws: WebSocket<WsIo>,
+    room_key: usize,
+    room_id: u64,
+    member: usize,
+    username: Rc<str>,
+    phase: Phase,
+    last_seen: Instant,
+    last_ping: Instant,
+    bucket: Bucket,
+}
+
+enum Kind {
+    Http(Box<HttpConn>),
+    Ws(Box<WsConn>),
+    /// Only while an entry changes from HTTP to WebSocket.
+    Upgrading,
+}
+
+struct Conn {
+    id: u64,
+    /// Registered for writable events (output is waiting on the socket).
+    want_write: bool,
+    /// In the reactor's flush list.
+    queued: bool,
+    kind: Kind,
+}
+
+impl Conn {
+    /// The socket and its queue.
+    fn io(&mut self) -> Option<(&mut TcpStream, &mut OutBuf)> {
+        match &mut self.kind {
+            Kind::Http(h) => Some((&mut h.sock, &mut h.out)),
+            Kind::Ws(w) => {
+                let io = w.ws.get_mut();
+                Some((&mut io.sock, &mut io.out))
+            }
+            Kind::Upgrading => None,
+        }
+    }
+}
+
+struct ShutdownState {
+    started: Instant,
+    closing_sent: bool,
+}
+
+/// What a request handler decided.
+pub(crate) enum Action {
+    Reply(Response),
+    /// Password hashing (and the store calls around it): the hashing lane.
+    Hash(Job<Outcome>),
+    /// Store calls: the store lane.
+    Store(Job<Outcome>),
+    Upgrade(Upgrade),
+}
+
+/// A WebSocket upgrade that passed every check.
+pub(crate) struct Upgrade {
+    pub room: String,
+    pub username: String,
+    pub since: Option<i64>,
+    pub accept: String,
+}
+
+pub struct Reactor {
+    pub(crate) cfg: Arc<Config>,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    local_addr: SocketAddr,
+    accept_paused: bool,
+    conns: Slab<Conn>,
+    next_id: u64,
+    pub(crate) rooms: Rooms,
+    hash_pool: Pool<Outcome>,
+    store_pool: Pool<Outcome>,
+    done: Receiver<Outcome>,
+    _waker: Arc<Waker>,
+    pub(crate) tokens: Tokens,
+    headers: ResponseHeaders,
+    pub(crate) counters: Counters,
+    pub(crate) shared: Arc<Shared>,
+    ws_config: WebSocketConfig,
+    flush_list: Vec<usize>,
+    again: Vec<usize>,
+    dirty_rooms: Vec<usize>,
+    stop: Arc<AtomicBool>,
+    shutdown: Option<ShutdownState>,
+    more_done: bool,
+    tick: Duration,
+}
+
+impl Reactor {
+    /// Bind the listener and start the worker lanes. `stop` is set (and the
+    /// returned waker woken) by whoever wants the server to shut down.
+    pub fn new(
+        cfg: Config,
+        store: Arc<dyn Store>,
+        shared: Arc<Shared>,
+        tokens: Tokens,
+        stop: Arc<AtomicBool>,
+    ) -> io::Result<(Reactor, Arc<Waker>)> {
+        let cfg = Arc::new(cfg);
+        let addr = cfg
+            .listen_addr()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::bind(addr)?;
+        let local_addr = listener.local_addr()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let workers = cfg.worker_count();
+        let hash_pool = Pool::new(
+            "hash",
+            workers,
+            QUEUE_CAPACITY,
+            5,
+            store.clone(),
+            done_tx.clone(),
+            waker.clone(),
+        )?;
+        let store_pool = Pool::new(
+            "store",
+            workers,
+            QUEUE_CAPACITY,
+            0,
+            store,
+            done_tx,
+            waker.clone(),
+        )?;
+        let ping = cfg.ping_interval;
+        let tick = (ping / 4)
+            .min(cfg.http_header_timeout / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let ws_config = ws::config(cfg.ws_max_message);
+        let headers = ResponseHeaders {
+            cors_origin: cfg.cors_origin.clone(),
+        };
+        let reactor = Reactor {
+            cfg,
+            poll,
+            listener: Some(listener),
+            local_addr,
+            accept_paused: false,
+            conns: Slab::with_capacity(1024),
+            next_id: 0,
+            rooms: Rooms::default(),
+            hash_pool,
+            store_pool,
+            done: done_rx,
+            _waker: waker.clone(),
+            tokens,
+            headers,
+            counters: Counters::default(),
+            shared,
+            ws_config,
+            flush_list: Vec::new(),
+            again: Vec::new(),
+            dirty_rooms: Vec::new(),
+            stop,
+            shutdown: None,
+            more_done: false,
+            tick,
+        };
+        Ok((reactor, waker))
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serve until asked to stop, then shut down gracefully.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let mut next_tick = Instant::now() + self.tick;
+        loop {
+            let now = Instant::now();
+            let timeout =
+                if !self.again.is_empty() || !self.dirty_rooms.is_empty() || self.more_done {
+                    Duration::ZERO
+                } else if self.shutdown.is_some() {
+                    Duration::from_millis(20)
+                } else {
+                    next_tick.saturating_duration_since(now)
+                };
+            match self.poll.poll(&mut events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    Token(t) => {
+                        if event.is_writable() {
+                            self.flush(t);
+                        }
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.on_readable(t);
+                        }
+                    }
+                }
+            }
+            self.run_again();
+            self.apply_completions();
+            self.submit_batches();
+            self.flush_all();
+
+            let now = Instant::now();
+            if now >= next_tick {
+                self.on_tick(now);
+                next_tick = now + self.tick;
+            }
+            if self.shutdown.is_none() && self.stop.load(Ordering::SeqCst) {
+                self.begin_shutdown();
+            }
+            if self.shutdown.is_some() && self.shutdown_step() {
+                break;
+            }
+        }
+        log::info!("waiting for workers to finish");
+        let Reactor {
+            hash_pool,
+            store_pool,
+            ..
+        } = self;
+        hash_pool.shutdown();
+        store_pool.shutdown();
+        log::info!("stopped");
+        Ok(())
+    }
+
+    // ----- connections -------------------------------------------------
+
+    fn accept(&mut self) {
+        loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((mut sock, _peer)) => {
+                    let _ = sock.set_nodelay(true);
+                    let entry = self.conns.vacant_entry();
+                    let token = entry.key();
+                    if let Err(e) =
+                        self.poll
+                            .registry()
+                            .register(&mut sock, Token(token), Interest::READABLE)
+                    {
+                        log::warn!("cannot register a new connection: {e}");
+                        continue;
+                    }
+                    self.next_id += 1;
+                    entry.insert(Conn {
+                        id: self.next_id,
+                        want_write: false,
+                        queued: false,
+                        kind: Kind::Http(Box::new(HttpConn {
+                            sock,
+                            inbuf: Vec::new(),
+                            out: OutBuf::default(),
+                            deadline: Instant::now() + self.cfg.http_header_timeout,
+                            idle: false,
+                            awaiting: None,
+                            closing: false,
+                            lingering: false,
+                            peer_eof: false,
+                            continue_sent: false,
+                            read_paused: false,
+                        })),
+                    });
+                    self.counters.http_connections += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+                Err(e) => {
+                    // EMFILE/ENFILE (and ENOBUFS/ENOMEM) leave the connection
+                    // in the backlog, so the listener stays readable: stop
+                    // polling it until a connection closes, or it would spin.
+                    let exhausted = matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    );
+                    if exhausted {
+                        self.pause_accepting(&e);
+                    } else {
+                        log::warn!("accept failed: {e}");
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn pause_accepting(&mut self, e: &io::Error) {
+        if self.accept_paused {
+            return;
+        }
+        if let Some(l) = &mut self.listener {
+            let _ = self.poll.registry().deregister(l);
+        }
+        self.accept_paused = true;
+        self.counters.accept_pauses += 1;
+        log::warn!(
+            "accept paused: {e} ({} connections open); resuming when one closes",
+            self.conns.len()
+        );
+    }
+
+    fn resume_accepting(&mut self) {
+        if !self.accept_paused {
+            return;
+        }
+        if let Some(l) = &mut self.listener {
+            if let Err(e) = self
+                .poll
+                .registry()
+                .register(l, LISTENER, Interest::READABLE)
+            {
+                log::error!("cannot resume accepting: {e}");
+                return;
+            }
+        }
+        self.accept_paused = false;
+        self.accept();
+    }
+
+    fn conn_ref(&self, token: usize) -> Option<ConnRef> {
+        self.conns.get(token).map(|c| ConnRef { token, id: c.id })
+    }
+
+    fn live(&self, r: ConnRef) -> bool {
+        self.conns.get(r.token).is_some_and(|c| c.id == r.id)
+    }
+
+    /// Forget a connection now (its socket closes when dropped).
+    fn drop_conn(&mut self, token: usize) {
+        let Some(conn) = self.conns.try_remove(token) else {
+            return;
+        };
+        match conn.kind {
+            Kind::Http(_) => self.counters.http_connections -= 1,
+            Kind::Ws(w) => {
+                self.counters.ws_connections -= 1;
+                if !matches!(w.phase, Phase::Closing { .. }) {
+                    self.rooms.leave(w.room_key, w.member);
+                }
+            }
+            Kind::Upgrading => {}
+        }
+        if self.accept_paused {
+            self.resume_accepting();
+        }
+    }
+
+    /// Queue `token` for the end-of-pass flush.
+    fn schedule_flush(&mut self, token: usize) {
+        if let Some(c) = self.conns.get_mut(token) {
+            if !c.queued && !c.want_write {
+                c.queued = true;
+                self.flush_list.push(token);
+            }
+        }
+    }
+
+    fn flush_all(&mut self) {
+        let mut list = std::mem::take(&mut self.flush_list);
+        for token in list.drain(..) {
+            if let Some(c) = self.conns.get_mut(token) {
+                c.queued = false;
+                self.flush(token);
+            }
+        }
+        self.flush_list = list;
+    }
+
+    /// Write what the socket takes; arrange a writable event for the rest.
+    fn flush(&mut self, token: usize) {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        let Some((sock, out)) = conn.io() else {
+            return;
+        };
+        let drained = match out.write_to(sock) {
+            Ok(d) => d,
+            Err(_) => {
+                self.drop_conn(token);
+                return;
+            }
+        };
+        if drained == conn.want_write {
+            let interest = if drained {
+                Interest::READABLE
+            } else {
+                Interest::READABLE | Interest::WRITABLE
+            };
+            let registry: &Registry = self.poll.registry();
+            let Some((sock, _)) = conn.io() else {
+                return;
+            };
+            if registry.reregister(sock, Token(token), interest).is_err() {
+                self.drop_conn(token);
+                return;
+            }
+            conn.want_write = !drained;
+        }
+        if !drained {
+            return;
+        }
+        // Everything is out: finish a close, or resume a paused pipeline.
+        match &mut conn.kind {
+            Kind::Http(h) => {
+                if h.closing && !h.lingering {
+                    h.lingering = true;
+                    h.deadline = Instant::now() + LINGER;
+                    let _ = h.sock.shutdown(Shutdown::Write);
+                    self.again.push(token);
+                } else if h.awaiting.is_none() && !h.inbuf.is_empty() && !h.closing {
+                    self.again.push(token);
+                }
+            }
+            Kind::Ws(w) => {
+                if let Phase::Closing { shut, .. } = &mut w.phase {
+                    if !*shut {
+                        *shut = true;
+                        let _ = w.ws.get_ref().sock.shutdown(Shutdown::Write);
+                        self.again.push(token);
+                    }
+                }
+            }
+            Kind::Upgrading => {}
+        }
+    }
+
+    fn on_readable(&mut self, token: usize) {
+        match self.conns.get(token).map(|c| &c.kind) {
+            Some(Kind::Http(_)) => self.read_http(token),
+            Some(Kind::Ws(_)) => self.read_ws(token),
+            Some(Kind::Upgrading) | None => {}
+        }
+    }
+
+    /// Connections that stopped early to let others run.
+    fn run_again(&mut self) {
+        let list = std::mem::take(&mut self.again);
+        for token in list {
+            self.on_readable(token);
+        }
+    }
+
+    // ----- HTTP ----------------------------------------------------------
+
+    fn http_mut(&mut self, token: usize) -> Option<&mut HttpConn> {
+        match self.conns.get_mut(token).map(|c| &mut c.kind) {
+            Some(Kind::Http(h)) => Some(h),
+            _ => None,
+        }
+    }
+
+    fn read_http(&mut self, token: usize) {
+        let cap = self.cfg.http_max_head + self.cfg.http_max_body + READ_CHUNK;
+        let header_timeout = self.cfg.http_header_timeout;
+        let Some(h) = self.http_mut(token) else {
+            return;
+        };
+        let mut chunk = [0u8; READ_CHUNK];
+        loop {
+            if h.lingering {
+                // Discard until the peer hangs up.
+                match h.sock.read(&mut chunk) {
+                    Ok(0) => break self.drop_conn(token),
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(_) => break self.drop_conn(token),
+                }
+            }
+            if h.read_paused || h.peer_eof {
+                break;
+            }
+            if h.inbuf.len() >= cap {
+                h.read_paused = true;
+                break;
+            }
+            match h.sock.read(&mut chunk) {
+                Ok(0) => h.peer_eof = true,
+                Ok(n) => {
+                    if h.idle {
+                        h.idle = false;
+                        h.deadline = Instant::now() + header_timeout;
+                    }
+                    h.inbuf.extend_from_slice(&chunk[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return self.drop_conn(token),
+            }
+        }
+        self.process_http(token);
+    }
+
+    /// Answer the buffered requests, in order, until one needs a worker.
+    fn process_http(&mut self, token: usize) {
+        let limits = http::Limits {
+            max_head: self.cfg.http_max_head,
+            max_body: self.cfg.http_max_body,
+        };
+        let mut budget = TURN_BUDGET;
+        loop {
+            let Some(h) = self.http_mut(token) else {
+                return;
+            };
+            if h.awaiting.is_some() || h.closing || h.out.len() > HTTP_OUT_HIGH_WATER {
+                break;
+            }
+            if budget == 0 {
+                self.again.push(token);
+                break;
+            }
+            budget -= 1;
+            if h.inbuf.is_empty() {
+                if h.peer_eof {
+                    h.closing = true;
+                }
+                break;
+            }
+            match http::parse(&h.inbuf, limits) {
+                Parsed::Incomplete {
+                    head_done,
+                    expect_continue,
+                } => {
+                    if head_done && expect_continue && !h.continue_sent {
+                        h.continue_sent = true;
+                        h.out.push_bytes(b"HTTP/1.1 100 Continue\r\n\r\n");
+                    }
+                    if h.peer_eof {
+                        h.closing = true;
+                    }
+                    break;
+                }
+                Parsed::Invalid(status, text) => {
+                    let mut resp = Response::error(status, text);
+                    resp.close = true;
+                    h.inbuf = Vec::new();
+                    self.respond(token, resp, false, false);
+                    break;
+                }
+                Parsed::Complete(req, used) => {
+                    h.inbuf.drain(..used);
+                    if h.inbuf.is_empty() {
+                        h.inbuf = Vec::new();
+                    }
+                    h.continue_sent = false;
+                    if h.read_paused {
+                        h.read_paused = false;
+                        self.again.push(token);
+                    }
+                    self.counters.http_requests += 1;
+                    self.dispatch(token, *req);
+                }
+            }
+        }
+        self.schedule_flush(token);
+    }
+
+    fn dispatch(&mut self, token: usize, req: Request) {
+        let Some(conn) = self.conn_ref(token) else {
+            return;
+        };
+        let head_only = req.method == "HEAD";
+        let keep_alive = req.keep_alive && self.shutdown.is_none();
+        if self.shutdown.is_some() {
+            let mut resp = Response::error(503, "Server is shutting down");
+            resp.close = true;
+            return self.respond(token, resp, false, head_only);
+        }
+        let action = self.route(conn, &req);
+        let (pool, job) = match action {
+            Action::Reply(resp) => return self.respond(token, resp, keep_alive, head_only),
+            Action::Upgrade(up) => return self.upgrade(token, req, up),
+            Action::Hash(job) => (&self.hash_pool, job),
+            Action::Store(job) => (&self.store_pool, job),
+        };
+        if pool.try_submit(job).is_err() {
+            log::warn!("{} queue full; answering 503", pool.name());
+            let resp = Response::error(503, "Server is busy; retry shortly");
+            return self.respond(token, resp, keep_alive, head_only);
+        }
+        if let Some(h) = self.http_mut(token) {
+            h.awaiting = Some((keep_alive, head_only));
+        }
+    }
+
+    /// Queue a response on an HTTP connection.
+    fn respond(&mut self, token: usize, resp: Response, keep_alive: bool, head_only: bool) {
+        let bytes = http::serialize(&resp, keep_alive, head_only, &self.headers);
+        let header_timeout = self.cfg.http_header_timeout;
+        let Some(h) = self.http_mut(token) else {
+            return;
+        };
+        h.out.push(Rc::from(bytes));
+        h.awaiting = None;
+        if !keep_alive || resp.close {
+            h.closing = true;
+        } else {
+            let now = Instant::now();
+            if h.inbuf.is_empty() {
+                h.idle = true;
+                h.deadline = now + KEEP_ALIVE_IDLE.max(header_timeout);
+            } else {
+                h.deadline = now + header_timeout;
+            }
+        }
+        self.schedule_flush(token);
+    }
+
+    /// Answer a waiting connection, then carry on with its pipeline.
+    fn complete_http(&mut self, conn: ConnRef, resp: Response) {
+        if !self.live(conn) {
+            return;
+        }
+        let Some(h) = self.http_mut(conn.token) else {
+            return;
+        };
+        let Some((keep_alive, head_only)) = h.awaiting else {
+            return;
+        };
+        self.respond(conn.token, resp, keep_alive, head_only);
+        self.process_http(conn.token);
+    }
+
+    // ----- WebSocket -----------------------------------------------------
+
+    fn upgrade(&mut self, token: usize, req: Request, up: Upgrade) {
+        let Some(conn) = self.conn_ref(token) else {
+            return;
+        };
+        // Ask for the room and its history first: if the queue is full the
+        // client gets a plain 503 instead of a socket that never joins.
+        let history_limit = self.cfg.history_limit;
+        let since = up.since;
+        let room = Room {
+            name: up.room.clone(),
+            creator: up.username.clone(),
+            created_at: ws::now_millis(),
+        };
+        let job: Job<Outcome> = Box::new(move |store: &dyn Store| {
+            let result = store.ensure_room(&room).and_then(|_| match since {
+                Some(s) => store.messages_after(&room.name, s, RESUME_LIMIT),
+                None => store.messages_before(&room.name, None, history_limit),
+            });
+            Outcome::Joined {
+                conn,
+                since,
+                result,
+            }
+        });
+        if self.store_pool.try_submit(job).is_err() {
+            let resp = Response::error(503, "Server is busy; retry shortly");
+            return self.respond(token, resp, false, false);
+        }
+
+        let Some(entry) = self.conns.get_mut(token) else {
+            return;
+        };
+        let Kind::Http(h) = &mut entry.kind else {
+            return;
+        };
+        let handshake = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\n\r\n",
+            up.accept
+        );
+        h.out.push_bytes(handshake.as_bytes());
+        drop(req);
+        // Swap the HTTP state for the WebSocket state in the same slab entry.
+        let Kind::Http(h) = std::mem::replace(&mut entry.kind, Kind::Upgrading) else {
+            return;
+        };
+        let HttpConn {
+            sock, inbuf, out, ..
+        } = *h;
+        let io = WsIo { sock, out };
+        let socket = if inbuf.is_empty() {
+            WebSocket::from_raw_socket(io, Role::Server, Some(self.ws_config))
+        } else {
+            WebSocket::from_partially_read(io, inbuf, Role::Server, Some(self.ws_config))
+        };
+        let (room_key, member) = self.rooms.join(&up.room, token);
+        let room_id = self.rooms.get(room_key).map_or(0, |r| r.id);
+        let now = Instant::now();
+        entry.kind = Kind::Ws(Box::new(WsConn {
+            ws: socket,
+            room_key,
+            room_id,
+            member,
+            username: Rc::from(up.username.as_str()),
+            phase: Phase::Joining {
+                buffered: Vec::new(),
+                bytes: 0,
+            },
+            last_seen: now,
+            last_ping: now,
+            bucket: Bucket::new(self.cfg.ws_rate_burst, now),
+        }));
+        self.counters.http_connections -= 1;
+        self.counters.ws_connections += 1;
+        // Frames may have arrived with the upgrade request.
+        self.again.push(token);
+        self.schedule_flush(token);
+    }
+
+    fn ws_mut(&mut self, token: usize) -> Option<&mut WsConn> {
+        match self.conns.get_mut(token).map(|c| &mut c.kind) {
+            Some(Kind::Ws(w)) => Some(w),
+            _ => None,
+        }
+    }
+
+    fn read_ws(&mut self, token: usize) {
+        let mut budget = TURN_BUDGET;
+        loop {
+            let Some(w) = self.ws_mut(token) else {
+                return;
+            };
+            if matches!(w.phase, Phase::Closing { .. }) {
+                return self.drain_closing(token);
+            }
+            if budget == 0 {
+                self.again.push(token);
+                break;
+            }
+            match w.ws.read() {
+                Ok(msg) => {
+                    w.last_seen = Instant::now();
+                    budget -= 1;
+                    match msg {
+                        Message::Text(text) => self.on_text(token, text.as_str()),
+                        Message::Binary(_) => {
+                            return self.ws_close(
+                                token,
+                                close::UNSUPPORTED,
+                                "binary frames are not supported",
+                                false,
+                            )
+                        }
+                        Message::Close(_) => {
+                            // tungstenite queued its reply; send it and hang up.
+                            let _ = w.ws.flush();
+                            self.leave_room(token);
+                            if let Some(w) = self.ws_mut(token) {
+                                w.phase = Phase::Closing {
+                                    deadline: Instant::now() + LINGER,
+                                    shut: false,
+                                };
+                            }
+                            self.schedule_flush(token);
+                            return;
+                        }
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                    }
+                }
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(WsError::Capacity(_)) => {
+                    return self.ws_close(token, close::TOO_BIG, "message too big", false)
+                }
+                Err(WsError::Utf8(_)) => {
+                    return self.ws_close(
+                        token,
+                        close::INVALID_DATA,
+                        "text frame is not valid UTF-8",
+                        false,
+                    )
+                }
+                Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+                    return self.drop_conn(token)
+                }
+                Err(WsError::Protocol(p)) => {
+                    log::debug!("websocket protocol violation: {p}");
+                    return self.ws_close(token, close::PROTOCOL, "protocol violation", false);
+                }
+                Err(_) => return self.drop_conn(token),
+            }
+        }
+        // Pongs tungstenite owes go into the queue.
+        if let Some(w) = self.ws_mut(token) {
+            let _ = w.ws.flush();
+        }
+        self.schedule_flush(token);
+    }
+
+    /// A closing connection: discard input until the peer hangs up.
+    fn drain_closing(&mut self, token: usize) {
+        let Some(w) = self.ws_mut(token) else {
+            return;
+        };
+        let mut chunk = [0u8; 4096];
+        loop {
+            match w.ws.get_mut().sock.read(&mut chunk) {
+                Ok(0) => return self.drop_conn(token),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => return self.drop_conn(token),
+            }
+        }
+    }
+
+    fn send_error(&mut self, token: usize, code: &str, text: &str) {
+        if let Some(w) = self.ws_mut(token) {
+            if !matches!(w.phase, Phase::Closing { .. }) {
+                w.ws.get_mut()
+                    .out
+                    .push(Rc::from(ws::error_frame(code, text)));
+                self.schedule_flush(token);
+            }
+        }
+    }
+
+    fn on_text(&mut self, token: usize, text: &str) {
+        if self.shutdown.is_some() {
+            return; // not accepted, not acknowledged: the client sees 1001 next
+        }
+        let now = Instant::now();
+        let (rate, burst) = (self.cfg.ws_rate_limit, self.cfg.ws_rate_burst);
+        let max_chars = self.cfg.max_message_chars;
+        let Some(w) = self.ws_mut(token) else {
+            return;
+        };
+        if !w.bucket.allow(now, rate, burst) {
+            self.counters.messages_rejected += 1;
+            return self.send_error(
+                token,
+                "rate_limited",
+                "too many messages; slow down (message not stored)",
+            );
+        }
+        let content = match parse_content(text) {
+            Ok(c) => c,
+            Err(why) => {
+                self.counters.messages_rejected += 1;
+                return self.send_error(token, "invalid_json", why);
+            }
+        };
+        if content.trim().is_empty() {
+            self.counters.messages_rejected += 1;
+            return self.send_error(token, "empty_content", "content must not be empty");
+        }
+        if content.chars().count() > max_chars {
+            self.counters.messages_rejected += 1;
+            let why = format!("content must be at most {max_chars} characters");
+            return self.send_error(token, "too_long", &why);
+        }
+        let Some(w) = self.ws_mut(token) else {
+            return;
+        };
+        let (room_key, username) = (w.room_key, w.username.to_string());
+        let Some(id) = self.conns.get(token).map(|c| c.id) else {
+            return;
+        };
+        let Some(room) = self.rooms.get_mut(room_key) else {
+            return;
+        };
+        let ts = ws::now_millis().max(room.last_ts);
+        room.last_ts = ts;
+        room.pending.push(Pending {
+            sender: ConnRef { token, id },
+            msg: NewMessage {
+                username,
+                content,
+                timestamp: ts,
+            },
+        });
+        if !room.dirty {
+            room.dirty = true;
+            self.dirty_rooms.push(room_key);
+        }
+        self.counters.messages_received += 1;
+    }
+
+    fn leave_room(&mut self, token: usize) {
+        if let Some(w) = self.ws_mut(token) {
+            if !matches!(w.phase, Phase::Closing { .. }) {
+                let (k, m) = (w.room_key, w.member);
+                self.rooms.leave(k, m);
+            }
+        }
+    }
+
+    /// Send a close frame and hang up once it is out. `discard` drops queued
+    /// frames first (a slow consumer's backlog).
+    fn ws_close(&mut self, token: usize, code: u16, reason: &str, discard: bool) {
+        self.leave_room(token);
+        let Some(w) = self.ws_mut(token) else {
+            return;
+        };
+        if matches!(w.phase, Phase::Closing { .. }) {
+            return;
+        }
+        let out = &mut w.ws.get_mut().out;
+        if discard {
+            out.discard_unstarted();
+        }
+        out.push(Rc::from(ws::close_frame(code, reason)));
+        w.phase = Phase::Closing {
+            deadline: Instant::now() + LINGER,
+            shut: false,
+        };
+        self.schedule_flush(token);
+    }
+
+    /// Queue one encoded message to every member of a room. Members still
+    /// joining keep it until their history is out.
+    fn broadcast(&mut self, room_key: usize, seq: i64, frame: &Rc<[u8]>, slow: &mut Vec<usize>) {
+        let Some(room) = self.rooms.get(room_key) else {
+            return;
+        };
+        let max_backlog = self.cfg.ws_max_backlog;
+        for (_, &token) in room.members.iter() {
+            let Some(conn) = self.conns.get_mut(token) else {
+                continue;
+            };
+            let Kind::Ws(w) = &mut conn.kind else {
+                continue;
+            };
+            match &mut w.phase {
+                Phase::Live => {
+                    let out = &mut w.ws.get_mut().out;
+                    out.push(frame.clone());
+                    self.counters.messages_delivered += 1;
+                    if out.len() > max_backlog {
+                        slow.push(token);
+                    } else if !conn.queued && !conn.want_write {
+                        conn.queued = true;
+                        self.flush_list.push(token);
+                    }
+                }
+                Phase::Joining { buffered, bytes } => {
+                    buffered.push((seq, frame.clone()));
+                    *bytes += frame.len();
+                    if *bytes > max_backlog {
+                        slow.push(token);
+                    }
+                }
+                Phase::Closing { .. } => {}
+            }
+        }
+    }
+
+    fn close_slow(&mut self, slow: &mut Vec<usize>) {
+        for token in slow.drain(..) {
+            if self.ws_mut(token).is_some() {
+                self.counters.slow_consumer_closes += 1;
+                self.ws_close(
+                    token,
+                    close::POLICY,
+                    "slow consumer: backlog over the limit",
+                    true,
+                );
+            }
+        }
+    }
+
+    /// Close every member of a room and forget the room.
+    fn close_room(&mut self, room_key: usize, code: u16, reason: &str) {
+        let members: Vec<usize> = match self.rooms.get(room_key) {
+            Some(r) => r.members.iter().map(|(_, &t)| t).collect(),
+            None => return,
+        };
+        for token in members {
+            self.ws_close(token, code, reason, false);
+        }
+        self.rooms.remove(room_key);
+    }
+
+    // ----- completions ---------------------------------------------------
+
+    /// Apply what the workers finished. Bounded, so a flood of completions
+    /// cannot starve socket events; `more_done` asks for a quick next pass.
+    fn apply_completions(&mut self) {
+        self.more_done = false;
+        for _ in 0..4096 {
+            let Ok(outcome) = self.done.try_recv() else {
+                return;
+            };
+            self.apply(outcome);
+        }
+        self.more_done = true;
+    }
+
+    fn apply(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Http { conn, resp } => self.complete_http(conn, resp),
+            Outcome::Rooms { conn, result } => {
+                let resp = match result {
+                    Ok(rooms) => {
+                        let list: Vec<RoomOut<'_>> = rooms
+                            .iter()
+                            .map(|r| RoomOut {
+                                members: Some(self.rooms.member_count(&r.name)),
+                                ..room_json(r)
+                            })
+                            .collect();
+                        Response::json(200, &list)
+                    }
+                    Err(e) => store_error_response(&e),
+                };
+                self.complete_http(conn, resp);
+            }
+            Outcome::Deleted {
+                conn,
+                room,
+                resp,
+                deleted,
+            } => {
+                if deleted {
+                    if let Some(key) = self.rooms.key_of(&room) {
+                        self.close_room(key, close::ROOM_DELETED, "room deleted");
+                    }
+                }
+                self.complete_http(conn, resp);
+            }
+            Outcome::Joined {
+                conn,
+                since,
+                result,
+            } => self.joined(conn, since, result),
+            Outcome::Batch {
+                room_key,
+                room_id,
+                senders,
+                result,
+            } => self.batch_done(room_key, room_id, senders, result),
+        }
+    }
+
+    fn joined(
+        &mut self,
+        conn: ConnRef,
+        since: Option<i64>,
+        result: StoreResult<Vec<StoredMessage>>,
+    ) {
+        if !self.live(conn) {
+            return;
+        }
+        let history = match result {
+            Ok(h) => h,
+            Err(e) => {
+                log::warn!("join failed: {e}");
+                self.send_error(
+                    conn.token,
+                    "store_unavailable",
+                    "cannot load the room: the store is unavailable",
+                );
+                return self.ws_close(conn.token, close::INTERNAL, "store unavailable", false);
+            }
+        };
+        let max_backlog = self.cfg.ws_max_backlog;
+        let Some(w) = self.ws_mut(conn.token) else {
+            return;
+        };
+        let (room_key, room_id) = (w.room_key, w.room_id);
+        let Phase::Joining { buffered, .. } = std::mem::replace(&mut w.phase, Phase::Live) else {
+            return;
+        };
+        let mut bytes = Vec::new();
+        for m in &history {
+            ws::message_frame_into(&mut bytes, m);
+        }
+        let floor = history.last().map(|m| m.seq).or(since).unwrap_or(i64::MIN);
+        let out = &mut w.ws.get_mut().out;
+        out.push(Rc::from(bytes));
+        let mut delivered = 0;
+        for (seq, frame) in buffered {
+            if seq > floor {
+                out.push(frame);
+                delivered += 1;
+            }
+        }
+        let over = out.len() > max_backlog;
+        self.counters.messages_delivered += delivered;
+        if over {
+            self.counters.slow_consumer_closes += 1;
+            self.ws_close(
+                conn.token,
+                close::POLICY,
+                "slow consumer: backlog over the limit",
+                true,
+            );
+        } else {
+            self.schedule_flush(conn.token);
+        }
+        if let Some(room) = self.rooms.get_live(room_key, room_id) {
+            room.confirmed = true;
+            if !room.pending.is_empty() && !room.dirty {
+                room.dirty = true;
+                self.dirty_rooms.push(room_key);
+            }
+        }
+    }
+
+    fn batch_done(
+        &mut self,
+        room_key: usize,
+        room_id: u64,
+        senders: Vec<ConnRef>,
+        result: StoreResult<Vec<StoredMessage>>,
+    ) {
+        let Some(room) = self.rooms.get_live(room_key, room_id) else {
+            return; // the room was deleted meanwhile; its members are closed
+        };
+        room.inflight = false;
+        match result {
+            Ok(stored) => {
+                self.counters.messages_stored += stored.len() as u64;
+                let mut slow = Vec::new();
+                for m in &stored {
+                    let mut bytes = Vec::new();
+                    ws::message_frame_into(&mut bytes, m);
+                    let frame: Rc<[u8]> = Rc::from(bytes);
+                    self.broadcast(room_key, m.seq, &frame, &mut slow);
+                }
+                self.close_slow(&mut slow);
+            }
+            Err(StoreError::NoSuchRoom) => {
+                log::info!("room vanished from the store; closing its members");
+                return self.close_room(room_key, close::ROOM_DELETED, "room deleted");
+            }
+            Err(e) => {
+                log::warn!("batch of {} not stored: {e}", senders.len());
+                let mut told: Vec<ConnRef> = Vec::new();
+                for s in senders {
+                    if !told.contains(&s) && self.live(s) {
+                        told.push(s);
+                        self.send_error(
+                            s.token,
+                            "store_unavailable",
+                            "message not stored: the store is unavailable; try again",
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(room) = self.rooms.get_mut(room_key) {
+            if !room.pending.is_empty() && !room.dirty {
+                room.dirty = true;
+                self.dirty_rooms.push(room_key);
+            }
+        }
+        self.rooms.drop_if_idle(room_key);
+    }
+
+    /// One batch per room with waiting messages and none in flight.
+    fn submit_batches(&mut self) {
+        let batch_max = self.cfg.store_batch_max as usize;
+        let keys = std::mem::take(&mut self.dirty_rooms);
+        let mut retry = Vec::new();
+        for key in keys {
+            let Some(room) = self.rooms.get_mut(key) else {
+                continue;
+            };
+            room.dirty = false;
+            if room.inflight || !room.confirmed || room.pending.is_empty() {
+                continue;
+            }
+            if self.store_pool.depth() >= QUEUE_CAPACITY {
+                room.dirty = true;
+                retry.push(key);
+                continue;
+            }
+            let n = room.pending.len().min(batch_max);
+            let mut senders = Vec::with_capacity(n);
+            let mut batch = Vec::with_capacity(n);
+            for p in room.pending.drain(..n) {
+                senders.push(p.sender);
+                batch.push(p.msg);
+            }
+            let name = room.name.to_string();
+            let room_id = room.id;
+            room.inflight = true;
+            let job: Job<Outcome> = Box::new(move |store: &dyn Store| Outcome::Batch {
+                room_key: key,
+                room_id,
+                senders,
+                result: store.append_messages(&name, &batch),
+            });
+            if self.store_pool.try_submit(job).is_err() {
+                // Only the reactor submits, so after the depth check this
+                // cannot happen; if it does, the batch is lost: say so.
+                log::error!("store queue refused a batch of {n} messages");
+                if let Some(room) = self.rooms.get_mut(key) {
+                    room.inflight = false;
+                }
+            }
+        }
+        if !retry.is_empty() {
+            self.dirty_rooms = retry;
+        }
+    }
+
+    // ----- timers and shutdown --------------------------------------------
+
+    fn on_tick(&mut self, now: Instant) {
+        let ping = self.cfg.ping_interval;
+        let idle_limit = ping * 3;
+        let mut timed_out = Vec::new();
+        let mut gone = Vec::new();
+        let mut idle = Vec::new();
+        let mut pinged = Vec::new();
+        for (token, conn) in self.conns.iter_mut() {
+            match &mut conn.kind {
+                Kind::Http(h) => {
+                    if h.awaiting.is_some() || now < h.deadline {
+                        continue;
+                    }
+                    if h.idle || h.closing || h.lingering {
+                        gone.push(token);
+                    } else {
+                        timed_out.push(token);
+                    }
+                }
+                Kind::Ws(w) => match w.phase {
+                    Phase::Closing { deadline, .. } => {
+                        if now >= deadline {
+                            gone.push(token);
+                        }
+                    }
+                    Phase::Joining { .. } | Phase::Live => {
+                        if now.saturating_duration_since(w.last_seen) >= idle_limit {
+                            idle.push(token);
+                        } else if now.saturating_duration_since(w.last_ping) >= ping {
+                            w.last_ping = now;
+                            w.ws.get_mut().out.push_bytes(&ws::PING_FRAME);
+                            pinged.push(token);
+                        }
+                    }
+                },
+                Kind::Upgrading => {}
+            }
+        }
+        for token in gone {
+            self.drop_conn(token);
+        }
+        for token in timed_out {
+            let mut resp = Response::error(408, "Request not received in time");
+            resp.close = true;
+            self.respond(token, resp, false, false);
+        }
+        for token in idle {
+            self.ws_close(token, close::GOING_AWAY, "idle timeout", true);
+        }
+        for token in pinged {
+            self.schedule_flush(token);
+        }
+        if self.accept_paused {
+            self.resume_accepting();
+        }
+        self.flush_all();
+    }
+
+    fn begin_shutdown(&mut self) {
+        log::info!(
+            "shutting down: {} connections, {} active rooms",
+            self.conns.len(),
+            self.rooms.len()
+        );
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        self.shutdown = Some(ShutdownState {
+            started: Instant::now(),
+            closing_sent: false,
+        });
+        // Idle HTTP connections go now; busy ones after their answer.
+        let idle: Vec<usize> = self
+            .conns
+            .iter()
+            .filter_map(|(t, c)| match &c.kind {
+                Kind::Http(h) if h.awaiting.is_none() => Some(t),
+                _ => None,
+            })
+            .collect();
+        for token in idle {
+            if let Some(h) = self.http_mut(token) {
+                h.closing = true;
+            }
+            self.schedule_flush(token);
+        }
+        self.flush_all();
+    }
+
+    /// Drive the shutdown; true when the loop may end.
+    fn shutdown_step(&mut self) -> bool {
+        let timeout = self.cfg.shutdown_timeout;
+        let Some(state) = &self.shutdown else {
+            return false;
+        };
+        let elapsed = state.started.elapsed();
+        if !state.closing_sent {
+            // Store what was accepted, broadcast it, then say goodbye.
+            if self.rooms.has_unstored() && elapsed < timeout / 2 {
+                return false;
+            }
+            if self.rooms.has_unstored() {
+                log::warn!("shutdown: some messages were still being stored");
+            }
+            if let Some(s) = &mut self.shutdown {
+                s.closing_sent = true;
+            }
+            let ws: Vec<usize> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| matches!(c.kind, Kind::Ws(_)))
+                .map(|(t, _)| t)
+                .collect();
+            for token in ws {
+                self.ws_close(token, close::GOING_AWAY, "server shutting down", false);
+            }
+            self.flush_all();
+            return false;
+        }
+        if self.conns.is_empty() {
+            return true;
+        }
+        if elapsed >= timeout {
+            log::warn!(
+                "shutdown timeout: dropping {} connections",
+                self.conns.len()
+            );
+            return true;
+        }
+        false
+    }
+
+    /// `GET /metrics` body.
+    pub(crate) fn metrics_text(&self) -> String {
+        use crate::metrics::sample;
+        let c = &self.counters;
+        let mut out = String::with_capacity(4096);
+        sample(
+            &mut out,
+            "chatconnect_http_connections",
+            "gauge",
+            "Open HTTP connections.",
+            c.http_connections,
+        );
+        sample(
+            &mut out,
+            "chatconnect_ws_connections",
+            "gauge",
+            "Open WebSocket connections.",
+            c.ws_connections,
+        );
+        sample(
+            &mut out,
+            "chatconnect_rooms_active",
+            "gauge",
+            "Rooms with members or unstored messages.",
+            self.rooms.len(),
+        );
+        sample(
+            &mut out,
+            "chatconnect_http_requests_total",
+            "counter",
+            "HTTP requests parsed.",
+            c.http_requests,
+        );
+        sample(
+            &mut out,
+            "chatconnect_messages_received_total",
+            "counter",
+            "Chat messages accepted from clients.",
+            c.messages_received,
+        );
+        sample(
+            &mut out,
+            "chatconnect_messages_rejected_total",
+            "counter",
+            "Chat messages refused (invalid, too long, rate limited).",
+            c.messages_rejected,
+        );
+        sample(
+            &mut out,
+            "chatconnect_messages_stored_total",
+            "counter",
+            "Chat messages stored by this process.",
+            c.messages_stored,
+        );
+        sample(
+            &mut out,
+            "chatconnect_messages_delivered_total",
+            "counter",
+            "Message frames queued to members.",
+            c.messages_delivered,
+        );
+        sample(
+            &mut out,
+            "chatconnect_slow_consumer_closes_total",
+            "counter",
+            "WebSockets closed with 1008 for an unsent backlog over the limit.",
+            c.slow_consumer_closes,
+        );
+        sample(
+            &mut out,
+            "chatconnect_accept_pauses_total",
+            "counter",
+            "Times accepting paused because descriptors ran out.",
+            c.accept_pauses,
+        );
+        let _ = std::fmt::Write::write_fmt(
+            &mut out,
+            format_args!(
+                "# HELP chatconnect_worker_queue_depth Jobs waiting for a worker, by lane.\n\
+                 # TYPE chatconnect_worker_queue_depth gauge\n\
+                 chatconnect_worker_queue_depth{{lane=\"hash\"}} {}\n\
+                 chatconnect_worker_queue_depth{{lane=\"store\"}} {}\n",
+                self.hash_pool.depth(),
+                self.store_pool.depth()
+            ),
+        );
+        self.shared.store_latency.render(
+            &mut out,
+            "chatconnect_store_call_seconds",
+            "Store call latency.",
+        );
+        sample(
+            &mut out,
+            "chatconnect_store_errors_total",
+            "counter",
+            "Store calls that failed.",
+            self.shared.store_errors.load(Ordering::Relaxed),
+        );
+        self.shared.batch_size.render(
+            &mut out,
+            "chatconnect_store_batch_size",
+            "Messages per store batch.",
+        );
+        out
+    }
+}
+
+/// The `content` of a client frame, or why there is none.
+fn parse_content(text: &str) -> Result<String, &'static str> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|_| "message must be JSON: {\"content\": \"...\"}")?;
+    match value {
+        serde_json::Value::Object(mut map) => match map.remove("content") {
+            Some(serde_json::Value::String(s)) => Ok(s),
+            Some(_) => Err("content must be a string"),
+            None => Err("message needs a content field"),
+        },
+        _ => Err("message must be a JSON object with a content field"),
+    }
+}
+
+/// A room as clients see it (the seed's fields, in the seed's order).
+#[derive(serde::Serialize)]
+pub(crate) struct RoomOut<'a> {
+    name: &'a str,
+    creator: &'a str,
+    created_at: String,
+    /// Live WebSocket members in this process (room list only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    members: Option<usize>,
+}
+
+pub(crate) fn room_json(r: &Room) -> RoomOut<'_> {
+    RoomOut {
+        name: &r.name,
+        creator: &r.creator,
+        created_at: ws::rfc3339_seconds(r.created_at),
+        members: None,
+    }
+}
+
+/// The HTTP answer for a failed store call.
+pub(crate) fn store_error_response(e: &StoreError) -> Response {
+    match e {
+        StoreError::Conflict => Response::error(409, "Already exists"),
+        StoreError::NoSuchRoom => Response::error(404, "Room not found"),
+        StoreError::Unavailable(why) => {
+            log::warn!("store unavailable: {why}");
+            Response::error(503, "Storage is unavailable; try again shortly")
+        }
+    }
+}

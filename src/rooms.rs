@@ -1,0 +1,181 @@
+//! The live room registry, owned by the reactor thread.
+//!
+//! A room is here while it has members or messages on their way to the store;
+//! the store knows every room, this registry only the active ones. Members are
+//! kept in a `Slab` of connection tokens, so joining and leaving are O(1) and a
+//! broadcast walks one dense list. Each room also holds its group-commit state:
+//! the messages waiting for the next batch and whether a batch is being stored.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use slab::Slab;
+
+use crate::store::NewMessage;
+
+/// Which connection a message came from: the slab token and the connection's
+/// unique id (tokens are reused, ids are not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnRef {
+    pub token: usize,
+    pub id: u64,
+}
+
+/// A message accepted from a member, waiting for its batch.
+pub struct Pending {
+    pub sender: ConnRef,
+    pub msg: NewMessage,
+}
+
+pub struct Room {
+    /// Unique for the life of the process; a completion for a room that was
+    /// dropped and re-created under the same slab key is recognised by it.
+    pub id: u64,
+    pub name: Rc<str>,
+    pub members: Slab<usize>,
+    pub pending: Vec<Pending>,
+    /// A batch of this room is being written.
+    pub inflight: bool,
+    /// The store has confirmed the room exists (a join created or found it).
+    /// Batches wait until then, so they never race the room's creation.
+    pub confirmed: bool,
+    /// Queued in the reactor's list of rooms to submit.
+    pub dirty: bool,
+    /// Newest timestamp handed out, so timestamps never go backwards in a room.
+    pub last_ts: i64,
+}
+
+impl Room {
+    /// Nothing left that needs this entry.
+    pub fn is_idle(&self) -> bool {
+        self.members.is_empty() && self.pending.is_empty() && !self.inflight
+    }
+}
+
+#[derive(Default)]
+pub struct Rooms {
+    slab: Slab<Room>,
+    by_name: HashMap<Rc<str>, usize>,
+    next_id: u64,
+}
+
+impl Rooms {
+    /// Add connection `token` to room `name`, creating the entry when needed.
+    /// Returns the room's key and the member's key.
+    pub fn join(&mut self, name: &str, token: usize) -> (usize, usize) {
+        let key = match self.by_name.get(name) {
+            Some(&k) => k,
+            None => {
+                self.next_id += 1;
+                let name: Rc<str> = Rc::from(name);
+                let key = self.slab.insert(Room {
+                    id: self.next_id,
+                    name: name.clone(),
+                    members: Slab::new(),
+                    pending: Vec::new(),
+                    inflight: false,
+                    confirmed: false,
+                    dirty: false,
+                    last_ts: 0,
+                });
+                self.by_name.insert(name, key);
+                key
+            }
+        };
+        let member = self.slab[key].members.insert(token);
+        (key, member)
+    }
+
+    /// Remove a member; the room goes when nothing needs it any more.
+    pub fn leave(&mut self, key: usize, member: usize) {
+        if let Some(room) = self.slab.get_mut(key) {
+            room.members.try_remove(member);
+        }
+        self.drop_if_idle(key);
+    }
+
+    pub fn drop_if_idle(&mut self, key: usize) {
+        if self.slab.get(key).is_some_and(Room::is_idle) {
+            self.remove(key);
+        }
+    }
+
+    /// Take a room out of the registry.
+    pub fn remove(&mut self, key: usize) -> Option<Room> {
+        let room = self.slab.try_remove(key)?;
+        self.by_name.remove(&room.name);
+        Some(room)
+    }
+
+    pub fn key_of(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+
+    pub fn get(&self, key: usize) -> Option<&Room> {
+        self.slab.get(key)
+    }
+
+    pub fn get_mut(&mut self, key: usize) -> Option<&mut Room> {
+        self.slab.get_mut(key)
+    }
+
+    /// The room at `key` if it is still the one with `id`.
+    pub fn get_live(&mut self, key: usize, id: u64) -> Option<&mut Room> {
+        self.slab.get_mut(key).filter(|r| r.id == id)
+    }
+
+    /// Live members of room `name`.
+    pub fn member_count(&self, name: &str) -> usize {
+        self.key_of(name)
+            .and_then(|k| self.slab.get(k))
+            .map_or(0, |r| r.members.len())
+    }
+
+    pub fn len(&self) -> usize {
+        self.slab.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slab.is_empty()
+    }
+
+    /// Whether any room still has messages that are not stored.
+    pub fn has_unstored(&self) -> bool {
+        self.slab
+            .iter()
+            .any(|(_, r)| r.inflight || !r.pending.is_empty())
+    }
+
+    pub fn keys(&self) -> Vec<usize> {
+        self.slab.iter().map(|(k, _)| k).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_leave_and_cleanup() {
+        let mut rooms = Rooms::default();
+        let (k1, m1) = rooms.join("General", 7);
+        let (k2, m2) = rooms.join("General", 9);
+        assert_eq!(k1, k2);
+        assert_eq!(rooms.member_count("General"), 2);
+        rooms.leave(k1, m1);
+        assert_eq!(rooms.member_count("General"), 1);
+        rooms.get_mut(k1).unwrap().inflight = true;
+        rooms.leave(k2, m2);
+        assert_eq!(rooms.len(), 1, "a room with a batch in flight stays");
+        rooms.get_mut(k1).unwrap().inflight = false;
+        rooms.drop_if_idle(k1);
+        assert!(rooms.is_empty());
+        assert!(rooms.key_of("General").is_none());
+        let (k3, _) = rooms.join("General", 1);
+        assert_ne!(
+            rooms.get(k3).unwrap().id,
+            1,
+            "a new incarnation gets a new id"
+        );
+    }
+}

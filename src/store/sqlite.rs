@@ -1,0 +1,362 @@
+//! The embedded store: one SQLite file in `DATA_DIR`, WAL mode.
+//!
+//! Worker threads share a small pool of connections (one per thread that has
+//! asked, reused). Writes take SQLite's write lock with `BEGIN IMMEDIATE`, so a
+//! batch of messages is one transaction and one fsync: that is what makes
+//! group commit pay. Each room keeps its last `seq` in its own row, so
+//! numbering a batch is one `UPDATE ... RETURNING` that also proves the room
+//! still exists.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+
+use super::{DeleteOutcome, NewMessage, Room, Store, StoreError, StoreResult, StoredMessage};
+
+/// File name of the database inside the data directory.
+pub const DB_FILE: &str = "chatconnect.db";
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS users (
+    username      TEXT PRIMARY KEY NOT NULL,
+    password_hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rooms (
+    id         INTEGER PRIMARY KEY,
+    name       TEXT NOT NULL UNIQUE,
+    creator    TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    last_seq   INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS messages (
+    room_id   TEXT NOT NULL,
+    seq       INTEGER NOT NULL,
+    username  TEXT NOT NULL,
+    content   TEXT NOT NULL,
+    timestamp INTEGER NOT NULL,
+    PRIMARY KEY (room_id, seq)
+) WITHOUT ROWID;
+";
+
+pub struct SqliteStore {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+fn unavailable(err: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(err.to_string())
+}
+
+fn is_unique_violation(err: &rusqlite::Error) -> bool {
+    matches!(err, rusqlite::Error::SqliteFailure(e, _) if e.code == ErrorCode::ConstraintViolation)
+}
+
+impl SqliteStore {
+    /// Open (creating when needed) the database in `dir`.
+    pub fn open(dir: &Path) -> StoreResult<SqliteStore> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot create data directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let store = SqliteStore {
+            path: dir.join(DB_FILE),
+            idle: Mutex::new(Vec::new()),
+        };
+        let conn = store.connect()?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(unavailable)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Unavailable(format!(
+                "{} was written by a newer chatserver (schema {version}, this one knows {SCHEMA_VERSION})",
+                store.path.display()
+            )));
+        }
+        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(unavailable)?;
+        store.put(conn);
+        Ok(store)
+    }
+
+    /// Where the database lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn connect(&self) -> StoreResult<Connection> {
+        let conn = Connection::open(&self.path).map_err(|e| {
+            StoreError::Unavailable(format!("cannot open {}: {e}", self.path.display()))
+        })?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(unavailable)?;
+        // WAL lets readers run beside the writer; FULL makes every commit
+        // durable before the reactor broadcasts it (one fsync per batch).
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(unavailable)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(unavailable)?;
+        Ok(conn)
+    }
+
+    fn take(&self) -> StoreResult<Connection> {
+        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match pooled {
+            Some(conn) => Ok(conn),
+            None => self.connect(),
+        }
+    }
+
+    fn put(&self, conn: Connection) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(conn);
+    }
+
+    /// Run `f` with a pooled connection. A connection whose call failed is
+    /// dropped rather than pooled, in case it was left in a bad state.
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> StoreResult<T>) -> StoreResult<T> {
+        let mut conn = self.take()?;
+        let out = f(&mut conn);
+        if !matches!(out, Err(StoreError::Unavailable(_))) {
+            self.put(conn);
+        }
+        out
+    }
+}
+
+fn room_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Room> {
+    Ok(Room {
+        name: r.get(0)?,
+        creator: r.get(1)?,
+        created_at: r.get(2)?,
+    })
+}
+
+fn message_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+    Ok(StoredMessage {
+        room_id: r.get(0)?,
+        seq: r.get(1)?,
+        username: r.get(2)?,
+        content: r.get(3)?,
+        timestamp: r.get(4)?,
+    })
+}
+
+fn query_messages(
+    conn: &Connection,
+    sql: &str,
+    room: &str,
+    bound: i64,
+    limit: usize,
+) -> StoreResult<Vec<StoredMessage>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(unavailable)?;
+    let rows = stmt
+        .query_map(params![room, bound, limit as i64], message_from_row)
+        .map_err(unavailable)?;
+    let mut out = rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)?;
+    out.reverse();
+    Ok(out)
+}
+
+impl Store for SqliteStore {
+    fn ping(&self) -> StoreResult<()> {
+        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable))
+    }
+
+    fn create_user(&self, username: &str, password_hash: &str) -> StoreResult<()> {
+        self.with(|c| {
+            match c.execute(
+                "INSERT INTO users (username, password_hash) VALUES (?1, ?2)",
+                params![username, password_hash],
+            ) {
+                Ok(_) => Ok(()),
+                Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict),
+                Err(e) => Err(unavailable(e)),
+            }
+        })
+    }
+
+    fn password_hash(&self, username: &str) -> StoreResult<Option<String>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT password_hash FROM users WHERE username = ?1",
+                [username],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(unavailable)
+        })
+    }
+
+    fn create_room(&self, room: &Room) -> StoreResult<()> {
+        self.with(|c| {
+            match c.execute(
+                "INSERT INTO rooms (name, creator, created_at) VALUES (?1, ?2, ?3)",
+                params![room.name, room.creator, room.created_at],
+            ) {
+                Ok(_) => Ok(()),
+                Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict),
+                Err(e) => Err(unavailable(e)),
+            }
+        })
+    }
+
+    fn ensure_room(&self, room: &Room) -> StoreResult<Room> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO rooms (name, creator, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO NOTHING",
+                params![room.name, room.creator, room.created_at],
+            )
+            .map_err(unavailable)?;
+            c.query_row(
+                "SELECT name, creator, created_at FROM rooms WHERE name = ?1",
+                [&room.name],
+                room_from_row,
+            )
+            .map_err(unavailable)
+        })
+    }
+
+    fn get_room(&self, name: &str) -> StoreResult<Option<Room>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT name, creator, created_at FROM rooms WHERE name = ?1",
+                [name],
+                room_from_row,
+            )
+            .optional()
+            .map_err(unavailable)
+        })
+    }
+
+    fn list_rooms(&self) -> StoreResult<Vec<Room>> {
+        self.with(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT name, creator, created_at FROM rooms ORDER BY created_at, id",
+                )
+                .map_err(unavailable)?;
+            let rows = stmt.query_map([], room_from_row).map_err(unavailable)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)
+        })
+    }
+
+    fn delete_room(&self, name: &str, requester: &str) -> StoreResult<DeleteOutcome> {
+        self.with(|c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let creator: Option<String> = tx
+                .query_row("SELECT creator FROM rooms WHERE name = ?1", [name], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(unavailable)?;
+            let outcome = match creator {
+                None => DeleteOutcome::NotFound,
+                Some(c) if c != requester => DeleteOutcome::Forbidden,
+                Some(_) => {
+                    tx.execute("DELETE FROM messages WHERE room_id = ?1", [name])
+                        .map_err(unavailable)?;
+                    tx.execute("DELETE FROM rooms WHERE name = ?1", [name])
+                        .map_err(unavailable)?;
+                    DeleteOutcome::Deleted
+                }
+            };
+            tx.commit().map_err(unavailable)?;
+            Ok(outcome)
+        })
+    }
+
+    fn append_messages(&self, room: &str, batch: &[NewMessage]) -> StoreResult<Vec<StoredMessage>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.with(|c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let last: Option<i64> = tx
+                .query_row(
+                    "UPDATE rooms SET last_seq = last_seq + ?2 WHERE name = ?1 RETURNING last_seq",
+                    params![room, batch.len() as i64],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            let Some(last) = last else {
+                return Err(StoreError::NoSuchRoom);
+            };
+            let first = last - batch.len() as i64 + 1;
+            let mut stored = Vec::with_capacity(batch.len());
+            {
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT INTO messages (room_id, seq, username, content, timestamp)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
+                    .map_err(unavailable)?;
+                for (i, m) in batch.iter().enumerate() {
+                    let seq = first + i as i64;
+                    insert
+                        .execute(params![room, seq, m.username, m.content, m.timestamp])
+                        .map_err(unavailable)?;
+                    stored.push(StoredMessage {
+                        room_id: room.to_owned(),
+                        username: m.username.clone(),
+                        content: m.content.clone(),
+                        timestamp: m.timestamp,
+                        seq,
+                    });
+                }
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(stored)
+        })
+    }
+
+    fn messages_before(
+        &self,
+        room: &str,
+        before: Option<i64>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        self.with(|c| {
+            query_messages(
+                c,
+                "SELECT room_id, seq, username, content, timestamp FROM messages
+                 WHERE room_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+                room,
+                before.unwrap_or(i64::MAX),
+                limit,
+            )
+        })
+    }
+
+    fn messages_after(
+        &self,
+        room: &str,
+        since: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        self.with(|c| {
+            query_messages(
+                c,
+                "SELECT room_id, seq, username, content, timestamp FROM messages
+                 WHERE room_id = ?1 AND seq > ?2 ORDER BY seq DESC LIMIT ?3",
+                room,
+                since,
+                limit,
+            )
+        })
+    }
+}
