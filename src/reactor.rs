@@ -78,6 +78,7 @@ pub enum Outcome {
     /// A joining WebSocket's room exists and here is its history.
     Joined {
         conn: ConnRef,
+        room: String,
         since: Option<i64>,
         result: StoreResult<Vec<StoredMessage>>,
     },
@@ -126,13 +127,15 @@ enum Phase {
 struct WsConn {
     ws: WebSocket<WsIo>,
     room_key: usize,
-    room_id: u64,
     member: usize,
     username: Rc<str>,
     phase: Phase,
     last_seen: Instant,
     last_ping: Instant,
     bucket: Bucket,
+    /// Queued history bytes that do not count as backlog (until the queue
+    /// has drained once).
+    allowance: usize,
 }
 
 enum Kind {
@@ -463,10 +466,16 @@ impl Reactor {
     }
 
     /// Forget a connection now (its socket closes when dropped).
+    #[track_caller]
     fn drop_conn(&mut self, token: usize) {
         let Some(conn) = self.conns.try_remove(token) else {
             return;
         };
+        log::debug!(
+            "connection {} (token {token}) dropped at {}",
+            conn.id,
+            std::panic::Location::caller()
+        );
         match conn.kind {
             Kind::Http(_) => self.counters.http_connections -= 1,
             Kind::Ws(w) => {
@@ -518,6 +527,21 @@ impl Reactor {
                 return;
             }
         };
+        if !drained {
+            if let Kind::Ws(w) = &conn.kind {
+                let unsent = w.ws.get_ref().out.len();
+                let limit = self.cfg.ws_max_backlog + w.allowance;
+                if unsent > limit && !matches!(w.phase, Phase::Closing { .. }) {
+                    self.counters.slow_consumer_closes += 1;
+                    return self.ws_close(
+                        token,
+                        close::POLICY,
+                        "slow consumer: backlog over the limit",
+                        true,
+                    );
+                }
+            }
+        }
         if drained == conn.want_write {
             let interest = if drained {
                 Interest::READABLE
@@ -550,6 +574,7 @@ impl Reactor {
                 }
             }
             Kind::Ws(w) => {
+                w.allowance = 0;
                 if let Phase::Closing { shut, .. } = &mut w.phase {
                     if !*shut {
                         *shut = true;
@@ -781,6 +806,7 @@ impl Reactor {
             });
             Outcome::Joined {
                 conn,
+                room: room.name,
                 since,
                 result,
             }
@@ -817,12 +843,10 @@ impl Reactor {
             WebSocket::from_partially_read(io, inbuf, Role::Server, Some(self.ws_config))
         };
         let (room_key, member) = self.rooms.join(&up.room, token);
-        let room_id = self.rooms.get(room_key).map_or(0, |r| r.id);
         let now = Instant::now();
         entry.kind = Kind::Ws(Box::new(WsConn {
             ws: socket,
             room_key,
-            room_id,
             member,
             username: Rc::from(up.username.as_str()),
             phase: Phase::Joining {
@@ -832,6 +856,7 @@ impl Reactor {
             last_seen: now,
             last_ping: now,
             bucket: Bucket::new(self.cfg.ws_rate_burst, now),
+            allowance: 0,
         }));
         self.counters.http_connections -= 1;
         self.counters.ws_connections += 1;
@@ -1059,9 +1084,13 @@ impl Reactor {
                     let out = &mut w.ws.get_mut().out;
                     out.push(frame.clone());
                     self.counters.messages_delivered += 1;
-                    if out.len() > max_backlog {
-                        slow.push(token);
-                    } else if !conn.queued && !conn.want_write {
+                    if conn.want_write {
+                        // The socket was full when last tried: what is
+                        // queued now is unsent backlog.
+                        if out.len() > max_backlog + w.allowance {
+                            slow.push(token);
+                        }
+                    } else if !conn.queued {
                         conn.queued = true;
                         self.flush_list.push(token);
                     }
@@ -1153,9 +1182,10 @@ impl Reactor {
             }
             Outcome::Joined {
                 conn,
+                room,
                 since,
                 result,
-            } => self.joined(conn, since, result),
+            } => self.joined(conn, &room, since, result),
             Outcome::Batch {
                 room_key,
                 room_id,
@@ -1168,9 +1198,23 @@ impl Reactor {
     fn joined(
         &mut self,
         conn: ConnRef,
+        room: &str,
         since: Option<i64>,
         result: StoreResult<Vec<StoredMessage>>,
     ) {
+        // The room exists in the store now: its batches may go, whatever
+        // became of the member that asked.
+        if result.is_ok() {
+            if let Some(key) = self.rooms.key_of(room) {
+                if let Some(r) = self.rooms.get_mut(key) {
+                    r.confirmed = true;
+                    if !r.pending.is_empty() && !r.dirty {
+                        r.dirty = true;
+                        self.dirty_rooms.push(key);
+                    }
+                }
+            }
+        }
         if !self.live(conn) {
             return;
         }
@@ -1186,48 +1230,41 @@ impl Reactor {
                 return self.ws_close(conn.token, close::INTERNAL, "store unavailable", false);
             }
         };
-        let max_backlog = self.cfg.ws_max_backlog;
         let Some(w) = self.ws_mut(conn.token) else {
             return;
         };
-        let (room_key, room_id) = (w.room_key, w.room_id);
+        if !matches!(w.phase, Phase::Joining { .. }) {
+            return; // closed while its history was loading
+        }
         let Phase::Joining { buffered, .. } = std::mem::replace(&mut w.phase, Phase::Live) else {
             return;
         };
+        // The buffer holds every message broadcast since this member joined
+        // the room, without a gap, up to now; the history ends at or after
+        // the point where the buffer starts. So: the history up to the first
+        // buffered message, then the whole buffer. Nothing twice, no gap.
+        let first_buffered = buffered.first().map(|(seq, _)| *seq);
         let mut bytes = Vec::new();
-        for m in &history {
+        for m in history
+            .iter()
+            .filter(|m| first_buffered.is_none_or(|f| m.seq < f))
+        {
             ws::message_frame_into(&mut bytes, m);
         }
-        let floor = history.last().map(|m| m.seq).or(since).unwrap_or(i64::MIN);
+        let bytes_len = bytes.len();
         let out = &mut w.ws.get_mut().out;
         out.push(Rc::from(bytes));
         let mut delivered = 0;
         for (seq, frame) in buffered {
-            if seq > floor {
+            if since.is_none_or(|s| seq > s) {
                 out.push(frame);
                 delivered += 1;
             }
         }
-        let over = out.len() > max_backlog;
+        // The history itself does not count against the backlog limit.
+        w.allowance = bytes_len;
         self.counters.messages_delivered += delivered;
-        if over {
-            self.counters.slow_consumer_closes += 1;
-            self.ws_close(
-                conn.token,
-                close::POLICY,
-                "slow consumer: backlog over the limit",
-                true,
-            );
-        } else {
-            self.schedule_flush(conn.token);
-        }
-        if let Some(room) = self.rooms.get_live(room_key, room_id) {
-            room.confirmed = true;
-            if !room.pending.is_empty() && !room.dirty {
-                room.dirty = true;
-                self.dirty_rooms.push(room_key);
-            }
-        }
+        self.schedule_flush(conn.token);
     }
 
     fn batch_done(
@@ -1299,7 +1336,18 @@ impl Reactor {
                 retry.push(key);
                 continue;
             }
-            let n = room.pending.len().min(batch_max);
+            // A batch is queued to every member at once, so its bytes stay
+            // well under the slow-consumer limit: a member that reads keeps up.
+            let byte_cap = self.cfg.ws_max_backlog / 4;
+            let mut n = 0;
+            let mut bytes = 0;
+            for p in room.pending.iter().take(batch_max) {
+                bytes += p.msg.content.len() + p.msg.username.len() + 128;
+                if n > 0 && bytes > byte_cap {
+                    break;
+                }
+                n += 1;
+            }
             let mut senders = Vec::with_capacity(n);
             let mut batch = Vec::with_capacity(n);
             for p in room.pending.drain(..n) {

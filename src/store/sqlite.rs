@@ -242,7 +242,7 @@ impl Store for SqliteStore {
         self.with(|c| {
             let mut stmt = c
                 .prepare_cached(
-                    "SELECT name, creator, created_at FROM rooms ORDER BY created_at, id",
+                    "SELECT name, creator, created_at FROM rooms ORDER BY created_at, name",
                 )
                 .map_err(unavailable)?;
             let rows = stmt.query_map([], room_from_row).map_err(unavailable)?;

@@ -1,0 +1,126 @@
+//! When the process runs out of file descriptors, `accept` fails with EMFILE
+//! and the listener stays readable. The server must neither spin nor stop
+//! serving: it pauses accepting and resumes once a connection closes.
+//!
+//! The server is started under `ulimit -n 64` so the limit is reached with a
+//! handful of client sockets.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// User plus system CPU time of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let after = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn healthz(addr: SocketAddr) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+#[test]
+fn emfile_does_not_spin_and_serving_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_chatserver");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -n 64 && exec '{bin}'"))
+        .current_dir(dir.path())
+        .env("HOST", "127.0.0.1")
+        .env("PORT", "0")
+        .env("DATA_DIR", dir.path().join("data"))
+        .env("BCRYPT_COST", "4")
+        .env("WORKERS", "2")
+        .env("RUST_LOG", "info")
+        .env_remove("MONGO_URI")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start chatserver");
+    let pid = child.id();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr: SocketAddr = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("server did not say where it listens");
+        if let Some(at) = line.find("listening on ") {
+            let rest = &line[at + 13..];
+            let end = rest.find(' ').unwrap_or(rest.len());
+            break rest[..end].parse().expect("listen address");
+        }
+    };
+
+    // Hold far more connections than the server has descriptors for.
+    let mut held = Vec::new();
+    for _ in 0..120 {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(s) => held.push(s),
+            Err(_) => break,
+        }
+    }
+    assert!(held.len() >= 80, "only {} connections opened", held.len());
+    std::thread::sleep(Duration::from_millis(500));
+
+    // With accepting paused, an idle server uses next to no CPU.
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used < 50,
+        "server burned {used} CPU ticks in 2 s while out of descriptors (a spinning accept loop)"
+    );
+    let log: Vec<String> = rx.try_iter().collect();
+    assert!(
+        log.iter().any(|l| l.contains("accept paused")),
+        "no pause was logged: {log:?}"
+    );
+
+    // Free the descriptors: the server serves again without a restart.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let answer = loop {
+        if let Some(a) = healthz(addr).filter(|a| a.starts_with("HTTP/1.1 200")) {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "server never served again");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(answer.contains(r#"{"status":"ok"}"#), "{answer}");
+
+    unsafe {
+        libc::kill(pid as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

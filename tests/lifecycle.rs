@@ -1,0 +1,286 @@
+//! The process: `--help`, configuration sources, start-up, graceful shutdown
+//! on SIGTERM, and data surviving a restart.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+#[test]
+fn help_lists_every_setting_and_exits_0() {
+    let (status, out, err) = run_binary(&["--help"], &[], Duration::from_secs(10));
+    assert!(
+        status.success(),
+        "--help exited with {status}\n{out}\n{err}"
+    );
+    for var in CONFIG_VARS {
+        assert!(out.contains(var), "--help does not mention {var}:\n{out}");
+    }
+    for flag in [
+        "--port",
+        "--host",
+        "--data-dir",
+        "--auth-mode",
+        "--mongo-uri",
+    ] {
+        assert!(out.contains(flag), "--help does not list {flag}:\n{out}");
+    }
+}
+
+#[test]
+fn invalid_configuration_fails_fast_with_a_message() {
+    for (k, v) in [
+        ("AUTH_MODE", "bogus"),
+        ("PORT", "not-a-port"),
+        ("WS_MAX_BACKLOG", "lots"),
+        ("PING_INTERVAL", "soon"),
+    ] {
+        let (status, out, err) = run_binary(&[], &[(k, v)], Duration::from_secs(10));
+        assert!(!status.success(), "{k}={v} was accepted");
+        let text = format!("{out}{err}");
+        assert!(
+            text.contains(k)
+                || text
+                    .to_lowercase()
+                    .contains(&k.to_lowercase().replace('_', "-")),
+            "the error for {k}={v} does not name the setting:\n{text}"
+        );
+        assert!(!text.contains("listening on"), "{k}={v}: started anyway");
+    }
+}
+
+#[test]
+fn data_dir_is_created_on_first_start() {
+    let s = Server::start();
+    assert!(
+        s.data_dir().is_dir(),
+        "{} was not created",
+        s.data_dir().display()
+    );
+    let entries = std::fs::read_dir(s.data_dir())
+        .expect("read data dir")
+        .count();
+    assert!(entries > 0, "the data directory is empty after start");
+}
+
+#[test]
+fn open_mode_logs_a_warning() {
+    let s = Server::start();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let log = s.log_text();
+        if log
+            .lines()
+            .any(|l| l.contains("WARN") && l.to_lowercase().contains("open"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no start-up warning about open mode:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn dotenv_file_in_working_directory_is_read() {
+    let s = Server::start_with_setup(&[], |root| {
+        std::fs::write(
+            root.join(".env"),
+            "CORS_ORIGIN=https://dotenv.example\nHISTORY_LIMIT=3\n",
+        )
+        .expect("write .env");
+    });
+    assert_eq!(
+        s.get("/healthz").header("access-control-allow-origin"),
+        Some("https://dotenv.example")
+    );
+    let room = uniq("Dot");
+    post_messages(&s, &room, "p", "d", 5);
+    let mut c = s.ws(&room, "j");
+    assert_eq!(
+        seqs(&c.drain_quiet(Duration::from_millis(400))),
+        vec![3, 4, 5]
+    );
+}
+
+#[test]
+fn environment_wins_over_dotenv_and_empty_counts_as_unset() {
+    let s = Server::start_with_setup(
+        &[
+            ("CORS_ORIGIN", "https://env.example"),
+            ("MONGO_URI", ""),
+            ("HISTORY_LIMIT", ""),
+        ],
+        |root| {
+            std::fs::write(root.join(".env"), "CORS_ORIGIN=https://dotenv.example\n")
+                .expect("write .env");
+        },
+    );
+    assert_eq!(
+        s.get("/healthz").header("access-control-allow-origin"),
+        Some("https://env.example")
+    );
+    // MONGO_URI="" means the embedded store: the server is ready and chats.
+    assert_eq!(s.get("/readyz").status, 200);
+    // HISTORY_LIMIT="" means the default of 50.
+    let room = uniq("Empty");
+    post_messages(&s, &room, "p", "e", 55);
+    let mut c = s.ws(&room, "j");
+    assert_eq!(c.drain_quiet(Duration::from_millis(400)).len(), 50);
+}
+
+#[test]
+fn sigterm_closes_websockets_with_1001_and_exits_0() {
+    let mut s = Server::start();
+    let room = uniq("Bye");
+    let mut a = s.ws(&room, "a");
+    let mut b = s.ws(&uniq("Other"), "b");
+    a.round_trip("hello", WAIT);
+    let t = Instant::now();
+    s.sigterm();
+    assert_eq!(a.recv_until_close(WAIT).0, 1001);
+    assert_eq!(b.recv_until_close(WAIT).0, 1001);
+    // Close handshake done (the helper sent the reply); a client then closes
+    // its socket, as browsers do when they see the server's FIN.
+    drop(a);
+    drop(b);
+    let status = s.wait_exit(Duration::from_secs(5));
+    assert!(
+        status.success(),
+        "exit status {status} after SIGTERM\n{}",
+        s.log_text()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn sigterm_with_a_client_that_never_reads_still_exits_quickly() {
+    let mut s = Server::start();
+    let room = uniq("Stuck");
+    let _stuck = RawWs::connect(s.addr(), &format!("/ws/{}?username=stuck", enc(&room)));
+    let _http = RawHttp::connect(s.addr()); // an idle HTTP connection too
+    let t = Instant::now();
+    s.sigterm();
+    // The 5 s budget, plus a little for the process to tear down.
+    let status = s.wait_exit(Duration::from_millis(5500));
+    assert!(status.success(), "exit status {status}\n{}", s.log_text());
+    assert!(
+        t.elapsed() < Duration::from_millis(5500),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn users_rooms_and_messages_survive_restart() {
+    let mut s = Server::start_with(&[("WS_RATE_LIMIT", "0")]);
+    let user = uniq("keeper");
+    s.register(&user, "correct horse battery");
+    let made = uniq("MadeByPost");
+    let r = s.post("/rooms", &json!({"name": made, "username": user}));
+    assert_eq!(r.status, 201);
+    let room = uniq("Persist");
+    let echoes = post_messages(&s, &room, &user, "keep", 30);
+    let rooms_before = s.rooms();
+
+    s.restart();
+
+    // Users: login works, registration is still taken.
+    s.login(&user, "correct horse battery");
+    s.post(
+        "/register",
+        &json!({"username": user, "password_hash": "another password"}),
+    )
+    .expect_error_text(409, "Username already taken");
+    s.post(
+        "/login",
+        &json!({"username": user, "password_hash": "wrong password"}),
+    )
+    .expect_error(401);
+    // Rooms: same names, creators and creation times, same order.
+    let strip = |v: &[Value]| -> Vec<Value> {
+        v.iter()
+            .map(|r| json!({"name": r["name"], "creator": r["creator"], "created_at": r["created_at"]}))
+            .collect()
+    };
+    assert_eq!(strip(&s.rooms()), strip(&rooms_before));
+    // Messages: identical through REST and through a joiner's history.
+    assert_eq!(s.messages(&room, "limit=100"), echoes);
+    let mut j = s.ws(&room, "joiner");
+    assert_eq!(j.drain_quiet(Duration::from_millis(400)), echoes);
+    // Numbering continues.
+    let m = j.round_trip("after restart", WAIT);
+    assert_eq!(m["seq"], 31);
+}
+
+#[test]
+fn messages_echoed_before_sigterm_are_all_kept() {
+    let mut s = Server::start_with(&[("WS_RATE_LIMIT", "0")]);
+    let room = uniq("Durable");
+    let mut c = s.ws(&room, "writer");
+    // Keep sending while the signal arrives; count what was echoed.
+    for i in 0..200 {
+        c.send_content(&format!("d{i}"));
+    }
+    let mut echoed = Vec::new();
+    let t = Instant::now();
+    while echoed.len() < 100 && t.elapsed() < Duration::from_secs(10) {
+        if let Some(m) = c.recv_json(WAIT) {
+            echoed.push(m);
+        }
+    }
+    s.sigterm();
+    // Whatever else arrives before the close was echoed too.
+    loop {
+        match c.recv(WAIT) {
+            Event::Text(t) => echoed.push(serde_json::from_str(&t).expect("json")),
+            Event::Close(Some((code, _))) => {
+                assert_eq!(code, 1001);
+                break;
+            }
+            other => panic!("expected frames then a 1001 close, got {other:?}"),
+        }
+    }
+    drop(c);
+    let status = s.wait_exit(Duration::from_secs(5));
+    assert!(status.success(), "exit status {status}");
+    assert!(echoed.len() >= 100);
+    s.restart_after_exit();
+    let stored = s.messages(&room, "limit=200");
+    let stored_seqs = seqs(&stored);
+    for m in &echoed {
+        assert!(
+            stored.contains(m),
+            "echoed message {m} is missing after restart (stored seqs {stored_seqs:?})"
+        );
+    }
+    assert!(
+        stored_seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "{stored_seqs:?}"
+    );
+}
+
+#[test]
+fn generated_token_secret_survives_restart() {
+    let mut s = Server::start();
+    let user = uniq("tok");
+    let token = s.user_with_token(&user);
+    s.restart();
+    // A token issued before the restart still names its user.
+    let room = uniq("Tok");
+    let mut c = s.ws_path(&format!(
+        "/ws/{}?username=someone_else&token={}",
+        enc(&room),
+        enc(&token)
+    ));
+    let m = c.round_trip("signed before restart", WAIT);
+    assert_eq!(m["username"], user.as_str());
+}
