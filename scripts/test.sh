@@ -16,4 +16,4 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
-cargo test --all-targets --locked -- --include-ignored
+cargo test --locked -- --include-ignored

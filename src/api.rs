@@ -56,6 +56,24 @@ fn str_field<'a>(map: &'a Map<String, Value>, name: &str) -> Result<Option<&'a s
     }
 }
 
+/// `username` and password (`password_hash`, or its alias `password`) of a
+/// register or login body.
+fn credentials(req: &Request) -> Result<(String, String), Response> {
+    let body = json_body(req)?;
+    let username = str_field(&body, "username")?;
+    let password = match str_field(&body, "password_hash")? {
+        Some(p) => Some(p),
+        None => str_field(&body, "password")?,
+    };
+    match (username, password) {
+        (Some(u), Some(p)) => Ok((u.to_owned(), p.to_owned())),
+        _ => Err(Response::error(
+            400,
+            "username and password_hash are required",
+        )),
+    }
+}
+
 /// A name someone claims in open mode. Looser than the registration rule,
 /// so names written by the Go original keep working.
 fn claimed_name_problem(name: &str) -> Option<&'static str> {
@@ -179,28 +197,16 @@ impl Reactor {
     }
 
     fn register(&mut self, conn: ConnRef, req: &Request) -> Answer {
-        let body = json_body(req)?;
-        let username = str_field(&body, "username")?;
-        let password = match str_field(&body, "password_hash")? {
-            Some(p) => Some(p),
-            None => str_field(&body, "password")?,
-        };
-        let (Some(username), Some(password)) = (username, password) else {
-            return Err(Response::error(
-                400,
-                "username and password_hash are required",
-            ));
-        };
-        if let Some(why) = auth::username_problem(username) {
+        let (username, password) = credentials(req)?;
+        if let Some(why) = auth::username_problem(&username) {
             return Err(Response::error(400, why));
         }
-        if auth::is_reserved(username) {
+        if auth::is_reserved(&username) {
             return Err(Response::error(400, "username 'Anonymous' is reserved"));
         }
-        if let Some(why) = auth::password_problem(password) {
+        if let Some(why) = auth::password_problem(&password) {
             return Err(Response::error(400, why));
         }
-        let (username, password) = (username.to_owned(), password.to_owned());
         let cost = self.cfg.bcrypt_cost;
         Ok(Action::Hash(Box::new(move |store: &dyn Store| {
             // A taken name is refused before spending a hash on it; the
@@ -228,19 +234,7 @@ impl Reactor {
     }
 
     fn login(&mut self, conn: ConnRef, req: &Request) -> Answer {
-        let body = json_body(req)?;
-        let username = str_field(&body, "username")?;
-        let password = match str_field(&body, "password_hash")? {
-            Some(p) => Some(p),
-            None => str_field(&body, "password")?,
-        };
-        let (Some(username), Some(password)) = (username, password) else {
-            return Err(Response::error(
-                400,
-                "username and password_hash are required",
-            ));
-        };
-        let (username, password) = (username.to_owned(), password.to_owned());
+        let (username, password) = credentials(req)?;
         let cost = self.cfg.bcrypt_cost;
         let tokens: Tokens = self.tokens.clone();
         Ok(Action::Hash(Box::new(move |store: &dyn Store| {
