@@ -15,5 +15,12 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+echo "== FerretDB (the MongoDB-wire server the MongoDB tests run against)"
+if [[ -n "${MONGO_URI:-}" ]]; then
+    echo "MONGO_URI is set: the MongoDB tests use that server instead"
+else
+    # Built once from the Go module proxy and cached; needs the Go toolchain.
+    scripts/ferretdb.sh build >/dev/null
+fi
 echo "== cargo test"
 cargo test --locked -- --include-ignored

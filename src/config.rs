@@ -47,6 +47,10 @@ pub struct Config {
     #[arg(long, env = "MONGO_DB", default_value = "chatapp")]
     pub mongo_db: String,
 
+    /// MongoDB server selection and connect timeout
+    #[arg(long, env = "MONGO_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub mongo_timeout: Duration,
+
     /// Directory of the embedded database and the generated token secret
     #[arg(long, env = "DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -132,6 +136,7 @@ const VARIABLES: &[&str] = &[
     "HOST",
     "MONGO_URI",
     "MONGO_DB",
+    "MONGO_TIMEOUT",
     "DATA_DIR",
     "AUTH_MODE",
     "TOKEN_SECRET",

@@ -29,18 +29,20 @@ use store::Store;
 /// gracefully. Errors are sentences for the operator.
 pub fn serve(cfg: Config) -> Result<(), String> {
     let shared = Arc::new(metrics::Shared::default());
-    let backend: Box<dyn Store> = match &cfg.mongo_uri {
-        Some(_) => {
-            return Err(
-                "MONGO_URI is set, but this build has no MongoDB backend yet; unset it to use the embedded store"
-                    .into(),
-            )
+    let backend: Arc<dyn Store> = match &cfg.mongo_uri {
+        Some(uri) => {
+            let mongo = store::mongo::MongoStore::connect(uri, &cfg.mongo_db, cfg.mongo_timeout)
+                .map_err(|e| format!("cannot use MONGO_URI: {e}"))?;
+            log::info!("store: MongoDB database {:?}", mongo.database_name());
+            let mongo = Arc::new(mongo);
+            prepare_in_background(mongo.clone());
+            mongo
         }
         None => {
             let s = store::sqlite::SqliteStore::open(&cfg.data_dir)
                 .map_err(|e| format!("cannot open the embedded store: {e}"))?;
             log::info!("store: SQLite at {}", s.path().display());
-            Box::new(s)
+            Arc::new(s)
         }
     };
     let store: Arc<dyn Store> = Arc::new(metrics::TimedStore::new(backend, shared.clone()));
@@ -83,4 +85,30 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         workers
     );
     reactor.run().map_err(|e| format!("event loop failed: {e}"))
+}
+
+/// Create MongoDB's indexes as soon as the database answers, without holding
+/// up start-up: the server serves (with 503s) while the database is away.
+fn prepare_in_background(mongo: Arc<store::mongo::MongoStore>) {
+    let spawned = std::thread::Builder::new()
+        .name("mongo-prepare".into())
+        .spawn(move || {
+            let mut delay = std::time::Duration::from_secs(1);
+            loop {
+                match mongo.prepare() {
+                    Ok(()) => {
+                        log::info!("MongoDB indexes ready");
+                        return;
+                    }
+                    Err(e) => {
+                        log::warn!("MongoDB not ready ({e}); retrying in {delay:?}");
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(std::time::Duration::from_secs(30));
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start the index thread: {e}; indexes are created on first use");
+    }
 }

@@ -106,12 +106,12 @@ pub fn sample(out: &mut String, name: &str, kind: &str, help: &str, value: impl 
 
 /// A [`Store`] that times every call into [`Shared::store_latency`].
 pub struct TimedStore {
-    inner: Box<dyn Store>,
+    inner: std::sync::Arc<dyn Store>,
     shared: std::sync::Arc<Shared>,
 }
 
 impl TimedStore {
-    pub fn new(inner: Box<dyn Store>, shared: std::sync::Arc<Shared>) -> TimedStore {
+    pub fn new(inner: std::sync::Arc<dyn Store>, shared: std::sync::Arc<Shared>) -> TimedStore {
         TimedStore { inner, shared }
     }
 

@@ -7,6 +7,7 @@
 //! the contracts written on each method below without knowing which backend
 //! answers.
 
+pub mod mongo;
 pub mod sqlite;
 
 use std::fmt;

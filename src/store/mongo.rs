@@ -1,0 +1,634 @@
+//! The MongoDB store, through the `mongodb` crate's synchronous API (worker
+//! threads only).
+//!
+//! Documents keep the Go original's collections and field names, so this
+//! server can take over a database the original wrote:
+//! `users {username, password_hash}`, `rooms {name, creator, created_at}`,
+//! `messages {room_id, username, content, timestamp, seq}` (dates as BSON
+//! dates). The original's messages have no `seq`: the first time a room is
+//! used, its seq-less messages are numbered 1, 2, ... in timestamp order, and
+//! new messages continue after them.
+//!
+//! Sequence numbers are allocated without transactions (MongoDB-wire servers
+//! such as FerretDB do not have them, and a standalone MongoDB neither): a
+//! batch is inserted with the next numbers under a unique `(room_id, seq)`
+//! index, and when another process took some of those numbers first, the
+//! insert stops at the clash and the rest is retried above the new highest
+//! `seq`. Several processes can therefore write to one room at once and every
+//! message still gets a distinct number in one order.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
+use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::sync::{Client, Collection, Database};
+use mongodb::IndexModel;
+
+use super::{
+    DeleteOutcome, Millis, NewMessage, Room, Store, StoreError, StoreResult, StoredMessage,
+};
+
+/// MongoDB's duplicate key error.
+const DUPLICATE_KEY: i32 = 11000;
+/// "Not implemented" (FerretDB answers it for partial indexes).
+const NOT_IMPLEMENTED: i32 = 238;
+/// Attempts at placing a batch before giving up (each lost race means
+/// another process stored messages in between, so this is never reached in
+/// practice).
+const MAX_ATTEMPTS: usize = 100;
+
+pub struct MongoStore {
+    db: Database,
+    users: Collection<Document>,
+    rooms: Collection<Document>,
+    messages: Collection<Document>,
+    /// Indexes exist (created at start, or by the first call after the
+    /// database came back).
+    prepared: AtomicBool,
+    /// Rooms whose legacy messages are numbered, in this process.
+    numbered: Mutex<HashSet<String>>,
+    /// Highest `seq` this process knows per room: a guess that saves a
+    /// query per batch; a wrong guess costs one retry.
+    last_seq: Mutex<HashMap<String, i64>>,
+}
+
+fn unavailable(e: MongoError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn error_code(e: &MongoError) -> Option<i32> {
+    match e.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => Some(w.code),
+        ErrorKind::InsertMany(im) => im
+            .write_errors
+            .as_ref()
+            .and_then(|v| v.first())
+            .map(|w| w.code),
+        ErrorKind::Command(c) => Some(c.code),
+        _ => None,
+    }
+}
+
+fn is_duplicate(e: &MongoError) -> bool {
+    error_code(e) == Some(DUPLICATE_KEY)
+}
+
+/// An integer field, whatever numeric type wrote it.
+fn int_field(d: &Document, key: &str) -> Option<i64> {
+    match d.get(key)? {
+        Bson::Int32(v) => Some(*v as i64),
+        Bson::Int64(v) => Some(*v),
+        Bson::Double(v) => Some(*v as i64),
+        _ => None,
+    }
+}
+
+fn str_field(d: &Document, key: &str) -> String {
+    d.get_str(key).unwrap_or_default().to_owned()
+}
+
+/// A date field as milliseconds (the original writes BSON dates).
+fn millis_field(d: &Document, key: &str) -> Millis {
+    match d.get(key) {
+        Some(Bson::DateTime(t)) => t.timestamp_millis(),
+        Some(Bson::Int64(v)) => *v,
+        Some(Bson::Int32(v)) => *v as i64,
+        Some(Bson::String(s)) => humantime::parse_rfc3339_weak(s)
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as Millis),
+        _ => 0,
+    }
+}
+
+fn room_from_doc(d: &Document) -> Room {
+    Room {
+        name: str_field(d, "name"),
+        creator: str_field(d, "creator"),
+        created_at: millis_field(d, "created_at"),
+    }
+}
+
+fn message_from_doc(d: &Document) -> StoredMessage {
+    StoredMessage {
+        room_id: str_field(d, "room_id"),
+        username: str_field(d, "username"),
+        content: str_field(d, "content"),
+        timestamp: millis_field(d, "timestamp"),
+        seq: int_field(d, "seq").unwrap_or(0),
+    }
+}
+
+fn index(keys: Document, name: &str, unique: bool) -> IndexModel {
+    IndexModel::builder()
+        .keys(keys)
+        .options(
+            IndexOptions::builder()
+                .name(name.to_owned())
+                .unique(unique.then_some(true))
+                .build(),
+        )
+        .build()
+}
+
+impl MongoStore {
+    /// A store for database `db` at `uri`. Does not contact the server:
+    /// it may be down now and come up later.
+    pub fn connect(uri: &str, db: &str, timeout: Duration) -> StoreResult<MongoStore> {
+        let mut options = ClientOptions::parse(uri)
+            .run()
+            .map_err(|e| StoreError::Unavailable(format!("invalid MONGO_URI: {e}")))?;
+        options.app_name = Some("chatconnect".into());
+        options.server_selection_timeout = Some(timeout);
+        options.connect_timeout = Some(timeout);
+        let client = Client::with_options(options).map_err(unavailable)?;
+        let db = client.database(db);
+        Ok(MongoStore {
+            users: db.collection("users"),
+            rooms: db.collection("rooms"),
+            messages: db.collection("messages"),
+            db,
+            prepared: AtomicBool::new(false),
+            numbered: Mutex::new(HashSet::new()),
+            last_seq: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn database_name(&self) -> &str {
+        self.db.name()
+    }
+
+    /// Create the indexes (idempotent). A collection that already holds
+    /// duplicates of a unique key (the original had no unique indexes) gets
+    /// a plain index instead, and the duplicates are logged.
+    pub fn prepare(&self) -> StoreResult<()> {
+        self.unique_or_report(&self.users, "username", "usernames")?;
+        self.unique_or_report(&self.rooms, "name", "room names")?;
+        // Legacy messages have no seq, so the unique index must leave them
+        // out: a partial index where the server has them, else a sparse one
+        // (FerretDB leaves documents without the field out of it).
+        let partial = IndexModel::builder()
+            .keys(doc! { "room_id": 1, "seq": 1 })
+            .options(
+                IndexOptions::builder()
+                    .name("room_id_seq_unique".to_owned())
+                    .unique(true)
+                    .partial_filter_expression(doc! { "seq": { "$exists": true } })
+                    .build(),
+            )
+            .build();
+        match self.messages.create_index(partial).run() {
+            Ok(_) => {}
+            Err(e) if error_code(&e) == Some(NOT_IMPLEMENTED) => {
+                let sparse = IndexModel::builder()
+                    .keys(doc! { "room_id": 1, "seq": 1 })
+                    .options(
+                        IndexOptions::builder()
+                            .name("room_id_seq_unique".to_owned())
+                            .unique(true)
+                            .sparse(true)
+                            .build(),
+                    )
+                    .build();
+                self.messages
+                    .create_index(sparse)
+                    .run()
+                    .map_err(unavailable)?;
+            }
+            Err(e) => return Err(unavailable(e)),
+        }
+        self.messages
+            .create_index(index(
+                doc! { "room_id": 1, "timestamp": 1 },
+                "room_id_timestamp",
+                false,
+            ))
+            .run()
+            .map_err(unavailable)?;
+        self.prepared.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn unique_or_report(
+        &self,
+        coll: &Collection<Document>,
+        key: &str,
+        what: &str,
+    ) -> StoreResult<()> {
+        let unique = index(doc! { key: 1 }, &format!("{key}_unique"), true);
+        match coll.create_index(unique).run() {
+            Ok(_) => Ok(()),
+            Err(e) if is_duplicate(&e) => {
+                let mut seen: HashMap<String, usize> = HashMap::new();
+                let cursor = coll
+                    .find(doc! {})
+                    .projection(doc! { key: 1, "_id": 0 })
+                    .run()
+                    .map_err(unavailable)?;
+                for d in cursor {
+                    let d = d.map_err(unavailable)?;
+                    *seen.entry(str_field(&d, key)).or_default() += 1;
+                }
+                let mut dups: Vec<&String> = seen
+                    .iter()
+                    .filter(|(_, n)| **n > 1)
+                    .map(|(k, _)| k)
+                    .collect();
+                dups.sort();
+                log::warn!(
+                    "duplicate {what} in {}: {dups:?}; keeping a non-unique index, and new \
+                     duplicates are still refused",
+                    coll.name()
+                );
+                coll.create_index(index(doc! { key: 1 }, &format!("{key}_lookup"), false))
+                    .run()
+                    .map_err(unavailable)?;
+                Ok(())
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    fn ensure_prepared(&self) -> StoreResult<()> {
+        if self.prepared.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.prepare()
+    }
+
+    fn room_doc(&self, name: &str) -> StoreResult<Option<Document>> {
+        self.rooms
+            .find_one(doc! { "name": name })
+            .run()
+            .map_err(unavailable)
+    }
+
+    /// Highest `seq` stored in a room (0 when none).
+    fn max_seq(&self, room: &str) -> StoreResult<i64> {
+        let top = self
+            .messages
+            .find_one(doc! { "room_id": room, "seq": { "$exists": true } })
+            .sort(doc! { "seq": -1 })
+            .projection(doc! { "seq": 1 })
+            .run()
+            .map_err(unavailable)?;
+        Ok(top.and_then(|d| int_field(&d, "seq")).unwrap_or(0))
+    }
+
+    fn remember_seq(&self, room: &str, seq: i64) {
+        let mut map = self.last_seq.lock().unwrap_or_else(|p| p.into_inner());
+        let e = map.entry(room.to_owned()).or_insert(0);
+        *e = (*e).max(seq);
+    }
+
+    fn forget_room(&self, room: &str) {
+        self.numbered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(room);
+        self.last_seq
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(room);
+    }
+
+    /// Number the original's seq-less messages of a room, oldest first, so
+    /// they page and resume like every other message. Safe to run from
+    /// several processes at once: each document is numbered at most once
+    /// (the update only matches it while it has no seq), and the unique
+    /// index settles who gets which number.
+    fn number_legacy(&self, room: &str) -> StoreResult<()> {
+        if self
+            .numbered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(room)
+        {
+            return Ok(());
+        }
+        let legacy: Vec<Bson> = self
+            .messages
+            .find(doc! { "room_id": room, "seq": { "$exists": false } })
+            .sort(doc! { "timestamp": 1, "_id": 1 })
+            .projection(doc! { "_id": 1 })
+            .run()
+            .map_err(unavailable)?
+            .map(|d| d.map(|d| d.get("_id").cloned().unwrap_or(Bson::Null)))
+            .collect::<Result<_, _>>()
+            .map_err(unavailable)?;
+        if !legacy.is_empty() {
+            log::info!(
+                "numbering {} earlier messages of room {room:?}",
+                legacy.len()
+            );
+            let mut next = self.max_seq(room)? + 1;
+            for id in legacy {
+                let mut attempts = 0;
+                loop {
+                    let filter = doc! { "_id": id.clone(), "seq": { "$exists": false } };
+                    match self
+                        .messages
+                        .update_one(filter, doc! { "$set": { "seq": next } })
+                        .run()
+                    {
+                        Ok(r) => {
+                            if r.matched_count == 1 {
+                                next += 1;
+                            }
+                            break;
+                        }
+                        Err(e) if is_duplicate(&e) && attempts < MAX_ATTEMPTS => {
+                            attempts += 1;
+                            next = self.max_seq(room)? + 1;
+                        }
+                        Err(e) => return Err(unavailable(e)),
+                    }
+                }
+            }
+            self.remember_seq(room, next - 1);
+        }
+        self.numbered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(room.to_owned());
+        Ok(())
+    }
+
+    /// After creating a room: remove messages of an earlier room of the same
+    /// name that a delete left behind (the original never removed them).
+    fn purge_leftovers(&self, room: &Room) -> StoreResult<()> {
+        let leftovers = doc! {
+            "room_id": &room.name,
+            "timestamp": { "$lt": DateTime::from_millis(room.created_at) },
+        };
+        let gone = self
+            .messages
+            .delete_many(leftovers)
+            .run()
+            .map_err(unavailable)?;
+        if gone.deleted_count > 0 {
+            log::info!(
+                "removed {} messages left behind by an earlier room {:?}",
+                gone.deleted_count,
+                room.name
+            );
+        }
+        Ok(())
+    }
+
+    fn room_document(room: &Room) -> Document {
+        doc! {
+            "name": &room.name,
+            "creator": &room.creator,
+            "created_at": DateTime::from_millis(room.created_at),
+        }
+    }
+
+    fn query_messages(&self, filter: Document, limit: usize) -> StoreResult<Vec<StoredMessage>> {
+        let cursor = self
+            .messages
+            .find(filter)
+            .sort(doc! { "seq": -1 })
+            .limit(limit as i64)
+            .run()
+            .map_err(unavailable)?;
+        let mut out = cursor
+            .map(|d| d.map(|d| message_from_doc(&d)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(unavailable)?;
+        out.reverse();
+        Ok(out)
+    }
+}
+
+impl Store for MongoStore {
+    fn ping(&self) -> StoreResult<()> {
+        self.db
+            .run_command(doc! { "ping": 1 })
+            .run()
+            .map(|_| ())
+            .map_err(unavailable)?;
+        self.ensure_prepared()
+    }
+
+    fn create_user(&self, username: &str, password_hash: &str) -> StoreResult<()> {
+        self.ensure_prepared()?;
+        match self
+            .users
+            .insert_one(doc! { "username": username, "password_hash": password_hash })
+            .run()
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_duplicate(&e) => Err(StoreError::Conflict),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    fn password_hash(&self, username: &str) -> StoreResult<Option<String>> {
+        let user = self
+            .users
+            .find_one(doc! { "username": username })
+            .run()
+            .map_err(unavailable)?;
+        Ok(user.and_then(|d| d.get_str("password_hash").ok().map(str::to_owned)))
+    }
+
+    fn create_room(&self, room: &Room) -> StoreResult<()> {
+        self.ensure_prepared()?;
+        // The unique index decides races; the lookup covers a database whose
+        // duplicates kept that index from being built.
+        if self.room_doc(&room.name)?.is_some() {
+            return Err(StoreError::Conflict);
+        }
+        match self.rooms.insert_one(Self::room_document(room)).run() {
+            Ok(_) => {}
+            Err(e) if is_duplicate(&e) => return Err(StoreError::Conflict),
+            Err(e) => return Err(unavailable(e)),
+        }
+        self.forget_room(&room.name);
+        self.purge_leftovers(room)
+    }
+
+    fn ensure_room(&self, room: &Room) -> StoreResult<Room> {
+        self.ensure_prepared()?;
+        let created = match self
+            .rooms
+            .update_one(
+                doc! { "name": &room.name },
+                doc! { "$setOnInsert": Self::room_document(room) },
+            )
+            .upsert(true)
+            .run()
+        {
+            Ok(r) => r.upserted_id.is_some(),
+            // Two upserts racing: the other one created it.
+            Err(e) if is_duplicate(&e) => false,
+            Err(e) => return Err(unavailable(e)),
+        };
+        if created {
+            self.forget_room(&room.name);
+            self.purge_leftovers(room)?;
+        }
+        let stored = self
+            .room_doc(&room.name)?
+            .ok_or_else(|| StoreError::Unavailable("room vanished while being created".into()))?;
+        self.number_legacy(&room.name)?;
+        Ok(room_from_doc(&stored))
+    }
+
+    fn get_room(&self, name: &str) -> StoreResult<Option<Room>> {
+        Ok(self.room_doc(name)?.map(|d| room_from_doc(&d)))
+    }
+
+    fn list_rooms(&self) -> StoreResult<Vec<Room>> {
+        let cursor = self
+            .rooms
+            .find(doc! {})
+            .sort(doc! { "created_at": 1, "name": 1 })
+            .run()
+            .map_err(unavailable)?;
+        cursor
+            .map(|d| d.map(|d| room_from_doc(&d)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(unavailable)
+    }
+
+    fn delete_room(&self, name: &str, requester: &str) -> StoreResult<DeleteOutcome> {
+        let Some(room) = self.room_doc(name)? else {
+            return Ok(DeleteOutcome::NotFound);
+        };
+        if str_field(&room, "creator") != requester {
+            return Ok(DeleteOutcome::Forbidden);
+        }
+        // The room first, so a batch on its way finds no room and stores
+        // nothing; then its messages. Without transactions a failure between
+        // the two leaves messages behind, which creating a room of that name
+        // again removes (see purge_leftovers).
+        let removed = self
+            .rooms
+            .delete_many(doc! { "name": name })
+            .run()
+            .map_err(unavailable)?;
+        self.forget_room(name);
+        self.messages
+            .delete_many(doc! { "room_id": name })
+            .run()
+            .map_err(unavailable)?;
+        Ok(if removed.deleted_count > 0 {
+            DeleteOutcome::Deleted
+        } else {
+            DeleteOutcome::NotFound
+        })
+    }
+
+    fn append_messages(&self, room: &str, batch: &[NewMessage]) -> StoreResult<Vec<StoredMessage>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.ensure_prepared()?;
+        if self.room_doc(room)?.is_none() {
+            return Err(StoreError::NoSuchRoom);
+        }
+        self.number_legacy(room)?;
+        let known = self
+            .last_seq
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(room)
+            .copied();
+        let mut next = match known {
+            Some(s) => s + 1,
+            None => self.max_seq(room)? + 1,
+        };
+        let mut stored: Vec<StoredMessage> = Vec::with_capacity(batch.len());
+        let mut rest = batch;
+        let mut attempts = 0;
+        while !rest.is_empty() {
+            let docs: Vec<Document> = rest
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    doc! {
+                        "room_id": room,
+                        "username": &m.username,
+                        "content": &m.content,
+                        "timestamp": DateTime::from_millis(m.timestamp),
+                        "seq": next + i as i64,
+                    }
+                })
+                .collect();
+            let placed = match self.messages.insert_many(docs).ordered(true).run() {
+                Ok(_) => rest.len(),
+                Err(e) if is_duplicate(&e) && attempts < MAX_ATTEMPTS => {
+                    attempts += 1;
+                    // Ordered: everything before the clash went in.
+                    match e.kind.as_ref() {
+                        ErrorKind::InsertMany(im) => im
+                            .write_errors
+                            .as_ref()
+                            .and_then(|v| v.first())
+                            .map_or(0, |w| w.index),
+                        _ => 0,
+                    }
+                }
+                Err(e) => return Err(unavailable(e)),
+            };
+            for (i, m) in rest[..placed].iter().enumerate() {
+                stored.push(StoredMessage {
+                    room_id: room.to_owned(),
+                    username: m.username.clone(),
+                    content: m.content.clone(),
+                    timestamp: m.timestamp,
+                    seq: next + i as i64,
+                });
+            }
+            rest = &rest[placed..];
+            next = if rest.is_empty() {
+                next + placed as i64
+            } else {
+                self.max_seq(room)? + 1
+            };
+        }
+        self.remember_seq(room, next - 1);
+        // A delete may have removed the room while the batch was written:
+        // take the batch back out so nothing outlives its room.
+        if self.room_doc(room)?.is_none() {
+            let seqs: Vec<i64> = stored.iter().map(|m| m.seq).collect();
+            self.messages
+                .delete_many(doc! { "room_id": room, "seq": { "$in": seqs } })
+                .run()
+                .map_err(unavailable)?;
+            self.forget_room(room);
+            return Err(StoreError::NoSuchRoom);
+        }
+        Ok(stored)
+    }
+
+    fn messages_before(
+        &self,
+        room: &str,
+        before: Option<i64>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        self.number_legacy(room)?;
+        let filter = match before {
+            Some(b) => doc! { "room_id": room, "seq": { "$lt": b } },
+            None => doc! { "room_id": room, "seq": { "$exists": true } },
+        };
+        self.query_messages(filter, limit)
+    }
+
+    fn messages_after(
+        &self,
+        room: &str,
+        since: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        self.number_legacy(room)?;
+        self.query_messages(doc! { "room_id": room, "seq": { "$gt": since } }, limit)
+    }
+}
