@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use mongodb::bson::oid::ObjectId;
 use mongodb::bson::{doc, Bson, DateTime, Document};
 use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
 use mongodb::options::{ClientOptions, IndexOptions};
@@ -220,37 +221,47 @@ impl MongoStore {
         what: &str,
     ) -> StoreResult<()> {
         let unique = index(doc! { key: 1 }, &format!("{key}_unique"), true);
-        match coll.create_index(unique).run() {
-            Ok(_) => Ok(()),
-            Err(e) if is_duplicate(&e) => {
-                let mut seen: HashMap<String, usize> = HashMap::new();
-                let cursor = coll
-                    .find(doc! {})
-                    .projection(doc! { key: 1, "_id": 0 })
-                    .run()
-                    .map_err(unavailable)?;
-                for d in cursor {
-                    let d = d.map_err(unavailable)?;
-                    *seen.entry(str_field(&d, key)).or_default() += 1;
-                }
-                let mut dups: Vec<&String> = seen
-                    .iter()
-                    .filter(|(_, n)| **n > 1)
-                    .map(|(k, _)| k)
-                    .collect();
-                dups.sort();
-                log::warn!(
-                    "duplicate {what} in {}: {dups:?}; keeping a non-unique index, and new \
-                     duplicates are still refused",
-                    coll.name()
-                );
-                coll.create_index(index(doc! { key: 1 }, &format!("{key}_lookup"), false))
-                    .run()
-                    .map_err(unavailable)?;
-                Ok(())
-            }
-            Err(e) => Err(unavailable(e)),
+        let failure = match coll.create_index(unique).run() {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        // MongoDB says 11000 when existing duplicates block a unique index;
+        // FerretDB says "UNIQUE constraint failed" under another code. Look
+        // at the data rather than at the code.
+        let dups = self.duplicates(coll, key)?;
+        if dups.is_empty() {
+            return Err(unavailable(failure));
         }
+        log::warn!(
+            "duplicate {what} in {}: {dups:?}; keeping a non-unique index, and new \
+             duplicates are still refused",
+            coll.name()
+        );
+        coll.create_index(index(doc! { key: 1 }, &format!("{key}_lookup"), false))
+            .run()
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Values of `key` held by more than one document, sorted.
+    fn duplicates(&self, coll: &Collection<Document>, key: &str) -> StoreResult<Vec<String>> {
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let cursor = coll
+            .find(doc! {})
+            .projection(doc! { key: 1, "_id": 0 })
+            .run()
+            .map_err(unavailable)?;
+        for d in cursor {
+            let d = d.map_err(unavailable)?;
+            *seen.entry(str_field(&d, key)).or_default() += 1;
+        }
+        let mut dups: Vec<String> = seen
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(k, _)| k)
+            .collect();
+        dups.sort();
+        Ok(dups)
     }
 
     fn ensure_prepared(&self) -> StoreResult<()> {
@@ -417,6 +428,11 @@ impl Store for MongoStore {
 
     fn create_user(&self, username: &str, password_hash: &str) -> StoreResult<()> {
         self.ensure_prepared()?;
+        // The unique index decides races; the lookup covers a database whose
+        // duplicates kept that index from being built.
+        if self.password_hash(username)?.is_some() {
+            return Err(StoreError::Conflict);
+        }
         match self
             .users
             .insert_one(doc! { "username": username, "password_hash": password_hash })
@@ -439,8 +455,7 @@ impl Store for MongoStore {
 
     fn create_room(&self, room: &Room) -> StoreResult<()> {
         self.ensure_prepared()?;
-        // The unique index decides races; the lookup covers a database whose
-        // duplicates kept that index from being built.
+        // As for users: the lookup covers a database without the unique index.
         if self.room_doc(&room.name)?.is_some() {
             return Err(StoreError::Conflict);
         }
@@ -548,11 +563,14 @@ impl Store for MongoStore {
         let mut rest = batch;
         let mut attempts = 0;
         while !rest.is_empty() {
+            let ids: Vec<ObjectId> = rest.iter().map(|_| ObjectId::new()).collect();
             let docs: Vec<Document> = rest
                 .iter()
+                .zip(&ids)
                 .enumerate()
-                .map(|(i, m)| {
+                .map(|(i, (m, id))| {
                     doc! {
+                        "_id": *id,
                         "room_id": room,
                         "username": &m.username,
                         "content": &m.content,
@@ -565,15 +583,23 @@ impl Store for MongoStore {
                 Ok(_) => rest.len(),
                 Err(e) if is_duplicate(&e) && attempts < MAX_ATTEMPTS => {
                     attempts += 1;
-                    // Ordered: everything before the clash went in.
-                    match e.kind.as_ref() {
+                    // Ordered: everything before the clash went in. Some
+                    // servers (FerretDB inserts in chunks of 100) carry on
+                    // after it, so remove whatever of the rest got in too
+                    // before retrying it under new numbers.
+                    let placed = match e.kind.as_ref() {
                         ErrorKind::InsertMany(im) => im
                             .write_errors
                             .as_ref()
                             .and_then(|v| v.first())
                             .map_or(0, |w| w.index),
                         _ => 0,
-                    }
+                    };
+                    self.messages
+                        .delete_many(doc! { "_id": { "$in": ids[placed..].to_vec() } })
+                        .run()
+                        .map_err(unavailable)?;
+                    placed
                 }
                 Err(e) => return Err(unavailable(e)),
             };

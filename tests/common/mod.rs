@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod mongo;
+
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -1,0 +1,592 @@
+//! The store conformance suite (`common/store_suite.rs`) against the MongoDB
+//! store, one fresh database per test (dropped afterwards), on this binary's
+//! FerretDB or on the MongoDB named by `MONGO_URI`; plus what only the MongoDB
+//! store promises: its indexes, tolerance of a database that already breaks
+//! them, the Go server's documents without `seq`, and a client that does not
+//! need the server to be up.
+
+#[path = "common/store_suite.rs"]
+#[macro_use]
+mod store_suite;
+
+#[path = "common/mongo.rs"]
+mod mongo;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use chatconnect::store::mongo::MongoStore;
+use chatconnect::store::{NewMessage, Room, Store, StoreError, StoredMessage};
+use mongodb::bson::{doc, Bson, DateTime, Document};
+
+use mongo::{assert_required_indexes, find_all, index_keys, key_fields, TestDb};
+
+/// Server selection and connect timeout of the stores made here.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The one place that calls `MongoStore::connect` with a reachable server.
+fn connect_store(uri: &str, db: &str) -> MongoStore {
+    MongoStore::connect(uri, db, TIMEOUT).expect("MongoStore::connect")
+}
+
+/// A store on a fresh database, prepared as the server prepares it.
+fn open_mongo() -> store_suite::TestStore {
+    let db = TestDb::new("conf");
+    let store = connect_store(&db.uri, &db.name);
+    store.prepare().expect("MongoStore::prepare");
+    store_suite::TestStore::new(Box::new(store), Some(Box::new(db)))
+}
+
+store_suite_tests!(open_mongo);
+
+fn connect(db: &TestDb) -> MongoStore {
+    connect_store(&db.uri, &db.name)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn msg(username: &str, content: &str, timestamp: i64) -> NewMessage {
+    NewMessage {
+        username: username.into(),
+        content: content.into(),
+        timestamp,
+    }
+}
+
+fn seqs(msgs: &[StoredMessage]) -> Vec<i64> {
+    msgs.iter().map(|m| m.seq).collect()
+}
+
+fn contents(msgs: &[StoredMessage]) -> Vec<String> {
+    msgs.iter().map(|m| m.content.clone()).collect()
+}
+
+/// A normalised view of a collection's indexes: (keys, unique), sorted.
+fn index_set(db: &TestDb, coll: &str) -> Vec<String> {
+    let mut v: Vec<String> = index_keys(&db.coll(coll))
+        .into_iter()
+        .map(|(k, u)| format!("{k} unique={u}"))
+        .collect();
+    v.sort();
+    v
+}
+
+// ---------------------------------------------------------------------------
+// Indexes
+
+#[test]
+fn mongo_prepare_creates_indexes() {
+    let db = TestDb::new("idx");
+    let store = connect(&db);
+    store.prepare().expect("prepare");
+    assert_required_indexes(&db.db());
+}
+
+#[test]
+fn mongo_prepare_is_idempotent() {
+    let db = TestDb::new("idem");
+    let store = connect(&db);
+    store.prepare().expect("first prepare");
+    let before: Vec<Vec<String>> = ["users", "rooms", "messages"]
+        .iter()
+        .map(|c| index_set(&db, c))
+        .collect();
+    store.prepare().expect("second prepare on the same handle");
+    // A second process starting on the same database prepares it again.
+    let other = connect(&db);
+    other.prepare().expect("prepare from another handle");
+    let after: Vec<Vec<String>> = ["users", "rooms", "messages"]
+        .iter()
+        .map(|c| index_set(&db, c))
+        .collect();
+    assert_eq!(before, after, "prepare must not add or change indexes");
+    assert_required_indexes(&db.db());
+    // and the store still works
+    store.create_user("alice", "$2b$04$x").expect("create_user");
+    assert_eq!(
+        other.create_user("alice", "$2b$04$y"),
+        Err(StoreError::Conflict)
+    );
+}
+
+#[test]
+fn mongo_duplicate_usernames_do_not_stop_prepare() {
+    let db = TestDb::new("dupusers");
+    // A database written without the unique index, holding duplicates.
+    db.coll("users")
+        .insert_many(vec![
+            doc! {"username": "twin", "password_hash": "$2a$04$first"},
+            doc! {"username": "twin", "password_hash": "$2a$04$second"},
+            doc! {"username": "triplet", "password_hash": "$2a$04$a"},
+            doc! {"username": "triplet", "password_hash": "$2a$04$b"},
+            doc! {"username": "triplet", "password_hash": "$2a$04$c"},
+            doc! {"username": "single", "password_hash": "$2a$04$s"},
+        ])
+        .run()
+        .expect("seed users");
+    let store = connect(&db);
+    assert_eq!(
+        store.prepare(),
+        Ok(()),
+        "prepare must not fail on duplicate usernames"
+    );
+    // The other collections' indexes are made all the same.
+    let rooms = index_keys(&db.coll("rooms"));
+    assert!(
+        rooms.iter().any(|(k, u)| *u && key_fields(k) == ["name"]),
+        "rooms index missing after a users index failure: {rooms:?}"
+    );
+    let messages = index_keys(&db.coll("messages"));
+    assert!(
+        messages
+            .iter()
+            .any(|(k, _)| key_fields(k).starts_with(&["room_id".into(), "seq".into()])),
+        "messages index missing after a users index failure: {messages:?}"
+    );
+    // Taken names stay taken.
+    for name in ["twin", "triplet", "single"] {
+        assert_eq!(
+            store.create_user(name, "$2b$04$new"),
+            Err(StoreError::Conflict),
+            "create_user({name}) over an existing name"
+        );
+    }
+    let twin = store.password_hash("twin").expect("password_hash(twin)");
+    assert!(
+        matches!(
+            twin.as_deref(),
+            Some("$2a$04$first") | Some("$2a$04$second")
+        ),
+        "password_hash of a duplicated user: {twin:?}"
+    );
+    // Nothing was added for them.
+    let n = db
+        .coll("users")
+        .count_documents(doc! {"username": {"$in": ["twin", "triplet", "single"]}})
+        .run()
+        .expect("count");
+    assert_eq!(n, 6, "a refused create_user must not insert");
+    // New names still register once.
+    assert_eq!(store.create_user("fresh", "$2b$04$one"), Ok(()));
+    assert_eq!(
+        store.create_user("fresh", "$2b$04$two"),
+        Err(StoreError::Conflict)
+    );
+    assert_eq!(
+        store.password_hash("fresh"),
+        Ok(Some("$2b$04$one".to_string()))
+    );
+    // A second prepare (a restart) does not fail either.
+    assert_eq!(connect(&db).prepare(), Ok(()));
+}
+
+// ---------------------------------------------------------------------------
+// Without prepare, without a server
+
+#[test]
+fn mongo_store_works_without_prepare() {
+    let db = TestDb::new("noprep");
+    let store = connect(&db);
+    assert_eq!(store.ping(), Ok(()));
+    assert_eq!(store.create_user("alice", "$2b$04$h"), Ok(()));
+    assert_eq!(
+        store.password_hash("alice"),
+        Ok(Some("$2b$04$h".to_string()))
+    );
+    assert_eq!(
+        store.create_user("alice", "$2b$04$other"),
+        Err(StoreError::Conflict)
+    );
+    let room = Room {
+        name: "General".into(),
+        creator: "alice".into(),
+        created_at: 1_700_000_000_123,
+    };
+    assert_eq!(store.create_room(&room), Ok(()));
+    assert_eq!(store.create_room(&room), Err(StoreError::Conflict));
+    let stored = store
+        .append_messages("General", &[msg("alice", "a", 1), msg("alice", "b", 2)])
+        .expect("append");
+    assert_eq!(seqs(&stored), vec![1, 2]);
+    assert_eq!(store.messages_before("General", None, 10), Ok(stored));
+}
+
+#[test]
+fn mongo_connect_does_not_need_the_server() {
+    // Nothing listens on this port.
+    let port = mongo::free_port();
+    let uri = format!("mongodb://127.0.0.1:{port}/");
+    let t = Instant::now();
+    let store = MongoStore::connect(&uri, "cc_nobody", Duration::from_secs(2))
+        .expect("connect without a server");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "connect waited {:?} for a server",
+        t.elapsed()
+    );
+    let t = Instant::now();
+    match store.ping() {
+        Err(StoreError::Unavailable(why)) => assert!(!why.is_empty()),
+        other => panic!("ping with no server: {other:?}"),
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "ping took {:?} to fail",
+        t.elapsed()
+    );
+    assert!(
+        matches!(
+            store.password_hash("alice"),
+            Err(StoreError::Unavailable(_))
+        ),
+        "a store call with no server must be Unavailable"
+    );
+    assert!(
+        MongoStore::connect("this is not a uri", "cc_x", TIMEOUT).is_err(),
+        "an unparseable URI must be refused"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The Go server's documents
+
+/// Seed a Go-style room with messages that have no `seq`, inserted out of
+/// timestamp order. Returns the contents in timestamp order and their times.
+fn seed_legacy_room(db: &TestDb, room: &str, creator: &str, created_at: i64) -> Vec<(String, i64)> {
+    db.coll("rooms")
+        .insert_one(doc! {
+            "name": room,
+            "creator": creator,
+            "created_at": DateTime::from_millis(created_at),
+        })
+        .run()
+        .expect("seed room");
+    let base = 1_650_000_000_000i64;
+    // (content, timestamp offset), deliberately not in timestamp order
+    let rows = [
+        ("third", 30_000),
+        ("first", 10),
+        ("fourth", 40_500),
+        ("second", 20_000),
+    ];
+    let docs: Vec<Document> = rows
+        .iter()
+        .map(|(c, off)| {
+            doc! {
+                "room_id": room,
+                "username": "gopher",
+                "content": format!("{room}:{c}"),
+                "timestamp": DateTime::from_millis(base + off),
+            }
+        })
+        .collect();
+    db.coll("messages")
+        .insert_many(docs)
+        .run()
+        .expect("seed messages");
+    let mut sorted: Vec<(String, i64)> = rows
+        .iter()
+        .map(|(c, off)| (format!("{room}:{c}"), base + off))
+        .collect();
+    sorted.sort_by_key(|(_, t)| *t);
+    sorted
+}
+
+#[test]
+fn mongo_legacy_messages_are_numbered_by_timestamp() {
+    let db = TestDb::new("legacy");
+    let created = 1_640_000_000_456i64;
+    let by_read = seed_legacy_room(&db, "ByRead", "gopher", created);
+    let by_append = seed_legacy_room(&db, "ByAppend", "gopher", created + 1);
+    let by_after = seed_legacy_room(&db, "ByAfter", "gopher", created + 2);
+    let by_ensure = seed_legacy_room(&db, "ByEnsure", "gopher", created + 3);
+    let store = connect(&db);
+    store.prepare().expect("prepare over legacy data");
+
+    // The room documents read back with their BSON dates.
+    assert_eq!(
+        store.get_room("ByRead"),
+        Ok(Some(Room {
+            name: "ByRead".into(),
+            creator: "gopher".into(),
+            created_at: created
+        }))
+    );
+    let listed = store.list_rooms().expect("list_rooms");
+    let names: Vec<&str> = listed.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["ByRead", "ByAppend", "ByAfter", "ByEnsure"]);
+
+    let expect_legacy = |got: &[StoredMessage], want: &[(String, i64)], room: &str| {
+        assert_eq!(seqs(got), vec![1, 2, 3, 4], "{room}: seqs {got:?}");
+        assert_eq!(
+            contents(got),
+            want.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>(),
+            "{room}: legacy order"
+        );
+        for (m, (_, t)) in got.iter().zip(want) {
+            assert_eq!(m.timestamp, *t, "{room}: timestamp of {m:?}");
+            assert_eq!(m.username, "gopher");
+            assert_eq!(m.room_id, room);
+        }
+    };
+
+    // First use: a history read.
+    let read = store
+        .messages_before("ByRead", None, 50)
+        .expect("read legacy");
+    expect_legacy(&read, &by_read, "ByRead");
+    let new = store
+        .append_messages("ByRead", &[msg("alice", "new", now_ms())])
+        .expect("append after legacy");
+    assert_eq!(seqs(&new), vec![5]);
+    let all = store.messages_before("ByRead", None, 50).expect("read all");
+    assert_eq!(seqs(&all), vec![1, 2, 3, 4, 5]);
+    assert_eq!(&all[4], &new[0]);
+
+    // First use: an append.
+    let new = store
+        .append_messages(
+            "ByAppend",
+            &[msg("bob", "x", now_ms()), msg("bob", "y", now_ms())],
+        )
+        .expect("append to legacy room");
+    assert_eq!(
+        seqs(&new),
+        vec![5, 6],
+        "new messages follow the legacy ones"
+    );
+    let all = store.messages_before("ByAppend", None, 50).expect("read");
+    expect_legacy(&all[..4], &by_append, "ByAppend");
+    assert_eq!(&all[4..], &new[..]);
+
+    // First use: a resume read.
+    let after = store
+        .messages_after("ByAfter", 0, 100)
+        .expect("messages_after");
+    expect_legacy(&after, &by_after, "ByAfter");
+    assert_eq!(
+        seqs(&store.messages_after("ByAfter", 2, 100).expect("after 2")),
+        vec![3, 4]
+    );
+
+    // First use: a join (ensure_room, then history).
+    let r = store
+        .ensure_room(&Room {
+            name: "ByEnsure".into(),
+            creator: "someone-else".into(),
+            created_at: now_ms(),
+        })
+        .expect("ensure_room");
+    assert_eq!(r.creator, "gopher", "the legacy room wins");
+    assert_eq!(r.created_at, created + 3);
+    let hist = store.messages_before("ByEnsure", None, 2).expect("page");
+    assert_eq!(seqs(&hist), vec![3, 4]);
+    assert_eq!(
+        contents(&hist),
+        by_ensure[2..]
+            .iter()
+            .map(|(c, _)| c.clone())
+            .collect::<Vec<_>>()
+    );
+
+    // The documents keep the seed's field names and types; seq is added.
+    let docs = find_all(
+        &db.coll("messages"),
+        doc! {"room_id": "ByRead"},
+        doc! {"seq": 1},
+    );
+    assert_eq!(docs.len(), 5);
+    for (i, d) in docs.iter().enumerate() {
+        assert!(
+            matches!(d.get("timestamp"), Some(Bson::DateTime(_))),
+            "timestamp must stay a BSON date: {d}"
+        );
+        assert!(d.get_str("room_id").is_ok(), "room_id: {d}");
+        assert!(d.get_str("username").is_ok(), "username: {d}");
+        assert!(d.get_str("content").is_ok(), "content: {d}");
+        let seq = match d.get("seq") {
+            Some(Bson::Int64(n)) => *n,
+            Some(Bson::Int32(n)) => *n as i64,
+            Some(Bson::Double(f)) => *f as i64,
+            other => panic!("seq is {other:?} in {d}"),
+        };
+        assert_eq!(seq, i as i64 + 1, "{d}");
+    }
+    // Legacy messages were numbered in place, not copied.
+    let total = db
+        .coll("messages")
+        .count_documents(doc! {})
+        .run()
+        .expect("count");
+    assert_eq!(total, 4 * 4 + 1 + 2);
+
+    // A second handle (a restart) sees the same numbers and continues.
+    let again = connect(&db);
+    assert_eq!(
+        seqs(&again.messages_before("ByAfter", None, 50).expect("read")),
+        vec![1, 2, 3, 4]
+    );
+    assert_eq!(
+        seqs(
+            &again
+                .append_messages("ByAfter", &[msg("c", "z", now_ms())])
+                .expect("append")
+        ),
+        vec![5]
+    );
+}
+
+#[test]
+fn mongo_legacy_room_delete_removes_legacy_messages() {
+    let db = TestDb::new("legdel");
+    seed_legacy_room(&db, "Old", "gopher", 1_600_000_000_000);
+    let store = connect(&db);
+    assert_eq!(
+        store.delete_room("Old", "intruder"),
+        Ok(chatconnect::store::DeleteOutcome::Forbidden)
+    );
+    assert_eq!(
+        store.delete_room("Old", "gopher"),
+        Ok(chatconnect::store::DeleteOutcome::Deleted)
+    );
+    let left = db
+        .coll("messages")
+        .count_documents(doc! {"room_id": "Old"})
+        .run()
+        .expect("count");
+    assert_eq!(left, 0, "legacy messages survived the delete");
+}
+
+// ---------------------------------------------------------------------------
+// Several handles (processes) on one database
+
+#[test]
+fn mongo_two_handles_allocate_distinct_seqs() {
+    let db = TestDb::new("twoh");
+    let a = connect(&db);
+    let b = connect(&db);
+    a.prepare().expect("prepare a");
+    b.prepare().expect("prepare b");
+    let room = Room {
+        name: "Shared".into(),
+        creator: "alice".into(),
+        created_at: now_ms(),
+    };
+    a.create_room(&room).expect("create");
+    const BATCHES: usize = 15;
+    const SIZE: usize = 4;
+    let results: Vec<Vec<StoredMessage>> = std::thread::scope(|s| {
+        let hs: Vec<_> = [("a", &a), ("b", &b)]
+            .into_iter()
+            .flat_map(|(tag, store)| {
+                (0..2).map(move |t| {
+                    s.spawn(move || {
+                        let mut out = Vec::new();
+                        for bi in 0..BATCHES {
+                            let batch: Vec<NewMessage> = (0..SIZE)
+                                .map(|i| msg(tag, &format!("{tag}{t}-{bi}-{i}"), now_ms()))
+                                .collect();
+                            let got = store
+                                .append_messages("Shared", &batch)
+                                .expect("concurrent append");
+                            let s = seqs(&got);
+                            assert_eq!(
+                                s,
+                                (s[0]..s[0] + SIZE as i64).collect::<Vec<_>>(),
+                                "a batch is numbered contiguously"
+                            );
+                            out.extend(got);
+                        }
+                        out
+                    })
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    let mut seen = HashSet::new();
+    for m in results.iter().flatten() {
+        assert!(seen.insert(m.seq), "seq {} given twice", m.seq);
+    }
+    let total = 4 * BATCHES * SIZE;
+    let all = b.messages_before("Shared", None, 1000).expect("read");
+    assert_eq!(seqs(&all), (1..=total as i64).collect::<Vec<_>>());
+    // Each writer's messages are in its own order.
+    for per in &results {
+        let order: Vec<i64> = per.iter().map(|m| m.seq).collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
+    }
+}
+
+/// Another process took the numbers this handle expected to use next, and
+/// the batch is large (the server's batches go up to STORE_BATCH_MAX, 256 by
+/// default): every message is still stored exactly once, in batch order,
+/// with distinct seqs and no gap.
+#[test]
+fn mongo_large_batch_after_another_process_wrote_is_stored_once() {
+    let db = TestDb::new("bigclash");
+    let a = connect(&db);
+    let b = connect(&db);
+    a.prepare().expect("prepare");
+    let room = Room {
+        name: "Busy".into(),
+        creator: "alice".into(),
+        created_at: now_ms(),
+    };
+    a.create_room(&room).expect("create");
+    // a learns the room's numbers...
+    assert_eq!(
+        seqs(
+            &a.append_messages("Busy", &[msg("a", "a-first", now_ms())])
+                .expect("a")
+        ),
+        vec![1]
+    );
+    // ...then another process appends behind its back...
+    let from_b = b
+        .append_messages(
+            "Busy",
+            &[
+                msg("b", "b0", now_ms()),
+                msg("b", "b1", now_ms()),
+                msg("b", "b2", now_ms()),
+            ],
+        )
+        .expect("b");
+    assert_eq!(seqs(&from_b), vec![2, 3, 4]);
+    // ...and a stores a large batch.
+    const BIG: usize = 150;
+    let batch: Vec<NewMessage> = (0..BIG)
+        .map(|i| msg("a", &format!("big-{i}"), now_ms()))
+        .collect();
+    let stored = a.append_messages("Busy", &batch).expect("big batch");
+    let all = b.messages_before("Busy", None, 1000).expect("read");
+    let docs = db
+        .coll("messages")
+        .count_documents(doc! {"room_id": "Busy"})
+        .run()
+        .expect("count");
+    let mut sorted = contents(&all);
+    sorted.sort();
+    let read = sorted.len();
+    sorted.dedup();
+    assert_eq!(
+        (docs, read, read - sorted.len()),
+        (4 + BIG as u64, 4 + BIG, 0),
+        "(documents, messages read, duplicated contents); seqs returned {:?}; seqs read {:?}",
+        seqs(&stored),
+        seqs(&all)
+    );
+    assert_eq!(
+        seqs(&stored),
+        (5..5 + BIG as i64).collect::<Vec<_>>(),
+        "the batch follows b's messages"
+    );
+    assert_eq!(seqs(&all), (1..=(4 + BIG) as i64).collect::<Vec<_>>());
+    assert_eq!(&all[4..], &stored[..]);
+}
