@@ -478,11 +478,20 @@ fn websocket_join_creates_room_with_creator() {
     let room = uniq("Lobby");
     let user = uniq("gina");
     let _c = s.ws(&room, &user);
-    let list = s.rooms();
-    let found = list
-        .iter()
-        .find(|r| r["name"] == room.as_str())
-        .unwrap_or_else(|| panic!("{list:?}"));
+    // The room is created by the join, which completes just after the 101
+    // (with the history): allow it a moment, bounded.
+    let deadline = std::time::Instant::now() + WAIT;
+    let found = loop {
+        let list = s.rooms();
+        if let Some(r) = list.iter().find(|r| r["name"] == room.as_str()) {
+            break r.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "room never listed: {list:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     assert_eq!(found["creator"], user.as_str());
     // A second joiner does not change the creator.
     let _d = s.ws(&room, "someone_else");
