@@ -136,6 +136,10 @@ struct WsConn {
     /// Queued history bytes that do not count as backlog (until the queue
     /// has drained once).
     allowance: usize,
+    /// Highest seq already sent by the join (history or buffer): a batch
+    /// whose completion arrives after the history that already held it is
+    /// not sent again.
+    sent_upto: i64,
 }
 
 enum Kind {
@@ -233,7 +237,7 @@ impl Reactor {
             .listen_addr()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let poll = Poll::new()?;
-        let mut listener = TcpListener::bind(addr)?;
+        let mut listener = bind_listener(addr)?;
         let local_addr = listener.local_addr()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -857,6 +861,7 @@ impl Reactor {
             last_ping: now,
             bucket: Bucket::new(self.cfg.ws_rate_burst, now),
             allowance: 0,
+            sent_upto: i64::MIN,
         }));
         self.counters.http_connections -= 1;
         self.counters.ws_connections += 1;
@@ -1081,6 +1086,9 @@ impl Reactor {
             };
             match &mut w.phase {
                 Phase::Live => {
+                    if seq <= w.sent_upto {
+                        continue;
+                    }
                     let out = &mut w.ws.get_mut().out;
                     out.push(frame.clone());
                     self.counters.messages_delivered += 1;
@@ -1244,6 +1252,14 @@ impl Reactor {
         // the point where the buffer starts. So: the history up to the first
         // buffered message, then the whole buffer. Nothing twice, no gap.
         let first_buffered = buffered.first().map(|(seq, _)| *seq);
+        // Completions of different workers may arrive in either order: a
+        // batch the history already holds can still be on its way.
+        w.sent_upto = history
+            .last()
+            .map(|m| m.seq)
+            .max(buffered.last().map(|(seq, _)| *seq))
+            .max(since)
+            .unwrap_or(i64::MIN);
         let mut bytes = Vec::new();
         for m in history
             .iter()
@@ -1616,6 +1632,23 @@ impl Reactor {
         );
         out
     }
+}
+
+/// Accept backlog: room for a burst of connects (load tests open thousands
+/// at once); the kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A non-blocking listener with a deep accept backlog (`TcpListener::bind`
+/// would leave it at 128, and a burst past that gets its SYNs dropped and
+/// retried a second later).
+fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(socket.into()))
 }
 
 /// The `content` of a client frame, or why there is none.
