@@ -130,8 +130,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
 }
 
-/// Every variable the server reads, for the empty-means-unset rule.
-const VARIABLES: &[&str] = &[
+/// Every variable the server reads (the empty-means-unset rule uses it; test
+/// harnesses clear them so the machine's environment cannot leak in).
+pub const VARIABLES: &[&str] = &[
     "PORT",
     "HOST",
     "MONGO_URI",

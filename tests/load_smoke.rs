@@ -23,31 +23,7 @@ use ws_client::{field_seq, field_str, ws_path, WsConn, OP_CLOSE, OP_TEXT};
 
 /// Server configuration variables: cleared so the machine's environment
 /// cannot change the server under test.
-const CONFIG_VARS: &[&str] = &[
-    "PORT",
-    "HOST",
-    "MONGO_URI",
-    "MONGO_DB",
-    "DATA_DIR",
-    "AUTH_MODE",
-    "TOKEN_SECRET",
-    "TOKEN_TTL",
-    "BCRYPT_COST",
-    "WORKERS",
-    "HISTORY_LIMIT",
-    "MAX_MESSAGE_CHARS",
-    "CORS_ORIGIN",
-    "WS_RATE_LIMIT",
-    "WS_RATE_BURST",
-    "WS_MAX_BACKLOG",
-    "WS_MAX_MESSAGE",
-    "PING_INTERVAL",
-    "HTTP_HEADER_TIMEOUT",
-    "HTTP_MAX_HEAD",
-    "HTTP_MAX_BODY",
-    "STORE_BATCH_MAX",
-    "SHUTDOWN_TIMEOUT",
-];
+const CONFIG_VARS: &[&str] = chatconnect::config::VARIABLES;
 
 /// Handshakes in flight at once: under the server's accept backlog (128),
 /// so no SYN is dropped and retried a second later.

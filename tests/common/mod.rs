@@ -35,31 +35,7 @@ const LOG_KEEP: usize = 200;
 
 /// Every configuration variable the server knows: removed from the child's
 /// environment so that the machine's environment cannot leak into a test.
-pub const CONFIG_VARS: &[&str] = &[
-    "PORT",
-    "HOST",
-    "MONGO_URI",
-    "MONGO_DB",
-    "DATA_DIR",
-    "AUTH_MODE",
-    "TOKEN_SECRET",
-    "TOKEN_TTL",
-    "BCRYPT_COST",
-    "WORKERS",
-    "HISTORY_LIMIT",
-    "MAX_MESSAGE_CHARS",
-    "CORS_ORIGIN",
-    "WS_RATE_LIMIT",
-    "WS_RATE_BURST",
-    "WS_MAX_BACKLOG",
-    "WS_MAX_MESSAGE",
-    "PING_INTERVAL",
-    "HTTP_HEADER_TIMEOUT",
-    "HTTP_MAX_HEAD",
-    "HTTP_MAX_BODY",
-    "STORE_BATCH_MAX",
-    "SHUTDOWN_TIMEOUT",
-];
+pub const CONFIG_VARS: &[&str] = chatconnect::config::VARIABLES;
 
 // ---------------------------------------------------------------------------
 // Unique names
