@@ -25,7 +25,7 @@ use ws_client::{field_seq, field_str, ws_path, WsConn, OP_CLOSE, OP_TEXT};
 /// cannot change the server under test.
 const CONFIG_VARS: &[&str] = chatconnect::config::VARIABLES;
 
-/// Handshakes in flight at once: under the server's accept backlog (128),
+/// Handshakes in flight at once: well under the server's accept backlog,
 /// so no SYN is dropped and retried a second later.
 const CONCURRENCY: usize = 64;
 
