@@ -13,7 +13,9 @@
 # Usage: scripts/bench.sh [--quick] [--only SCENARIO[,SCENARIO..]]
 #                         [--targets chatserver,floor,baseline] [--out DIR]
 #                         [-- EXTRA LOADGEN FLAGS]
-#   scenarios: idle fanout many login rest (default: all)
+#   scenarios: idle fanout many login rest groupcommit (default: all)
+#              groupcommit runs benches/group_commit.rs on SQLite and on a
+#              FerretDB started by scripts/ferretdb.sh (built on first use)
 #   --quick    small sizes (about 2 minutes after the build)
 #   --out      where the JSON results, server logs and report go
 #              (default target/bench/DATE)
@@ -23,7 +25,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 
 quick=()
-only="idle,fanout,many,login,rest"
+only="idle,fanout,many,login,rest,groupcommit"
 targets="chatserver,floor,baseline"
 out=""
 extra=()
@@ -43,7 +45,7 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 for s in ${only//,/ }; do
-    case "$s" in idle|fanout|many|login|rest) ;; *) echo "bench.sh: unknown scenario $s" >&2; exit 2 ;; esac
+    case "$s" in idle|fanout|many|login|rest|groupcommit) ;; *) echo "bench.sh: unknown scenario $s" >&2; exit 2 ;; esac
 done
 for t in ${targets//,/ }; do
     case "$t" in chatserver|floor|baseline) ;; *) echo "bench.sh: unknown target $t" >&2; exit 2 ;; esac
@@ -65,7 +67,7 @@ started=$(date +%s)
 echo "== build (release)"
 cargo build --release --bin chatserver
 json=$(cargo bench --no-run --message-format=json \
-    --bench loadgen --bench floor --bench baseline_tokio)
+    --bench loadgen --bench floor --bench baseline_tokio --bench group_commit)
 exe() {
     printf '%s\n' "$json" | grep '"reason":"compiler-artifact"' | grep "\"name\":\"$1\"" \
         | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1
@@ -73,8 +75,9 @@ exe() {
 loadgen=$(exe loadgen)
 floor=$(exe floor)
 baseline=$(exe baseline_tokio)
+group_commit=$(exe group_commit)
 chatserver=${CARGO_TARGET_DIR:-$root/target}/release/chatserver
-for f in "$loadgen" "$floor" "$baseline" "$chatserver"; do
+for f in "$loadgen" "$floor" "$baseline" "$group_commit" "$chatserver"; do
     if [[ -z $f || ! -x $f ]]; then
         echo "bench.sh: a benchmark binary is missing after the build ($f)" >&2
         exit 1
@@ -137,8 +140,38 @@ start_target() {
     return 1
 }
 
+ferret=""
+stop_ferret() {
+    if [[ -n $ferret ]]; then
+        scripts/ferretdb.sh stop "$ferret" >/dev/null 2>&1 || true
+        rm -rf "$ferret"
+        ferret=""
+    fi
+}
+trap 'stop_target; stop_ferret' EXIT
+
+# Group commit: store writes of one message against batched writes, on both
+# backends (the store alone, no server in between).
+group_commit_run() {
+    local secs=3 uri
+    [[ ${#quick[@]} -gt 0 ]] && secs=1
+    echo "== groupcommit: sqlite"
+    echo "cargo bench --bench group_commit -- $secs" >>"$commands"
+    "$group_commit" "$secs" | tee "$out/groupcommit-sqlite.txt"
+    echo "== groupcommit: mongodb (FerretDB)"
+    ferret=$(mktemp -d "${TMPDIR:-/tmp}/chatconnect-ferret.XXXXXX")
+    uri=$(scripts/ferretdb.sh start "$ferret")
+    echo "scripts/ferretdb.sh start DIR; cargo bench --bench group_commit -- $secs --mongo $uri" >>"$commands"
+    "$group_commit" "$secs" --mongo "$uri" | tee "$out/groupcommit-mongodb.txt"
+    stop_ferret
+}
+
 failed=0
 for scn in ${only//,/ }; do
+    if [[ $scn == groupcommit ]]; then
+        group_commit_run || { echo "   (groupcommit reported a failure)"; failed=$((failed + 1)); }
+        continue
+    fi
     for t in ${targets//,/ }; do
         echo "== $scn: $t"
         case $t in chatserver) kind=server ;; *) kind=$t ;; esac
@@ -164,6 +197,16 @@ report=$out/report.md
     echo
     "$loadgen" report "$out"
     echo
+    for b in sqlite mongodb; do
+        if [[ -f $out/groupcommit-$b.txt ]]; then
+            echo "Group commit, $b:"
+            echo
+            echo '```'
+            cat "$out/groupcommit-$b.txt"
+            echo '```'
+            echo
+        fi
+    done
     echo "Servers and load generator, in the order run:"
     echo
     echo '```'

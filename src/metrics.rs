@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::store::{DeleteOutcome, NewMessage, Room, Store, StoreResult, StoredMessage};
+use crate::store::{DeleteOutcome, NewMessage, Room, RoomBatch, Store, StoreResult, StoredMessage};
 
 /// A fixed-bucket histogram that any thread can add to.
 pub struct Histogram {
@@ -71,6 +71,9 @@ pub struct Shared {
     pub store_latency: Histogram,
     pub store_errors: AtomicU64,
     pub batch_size: Histogram,
+    /// From a chat message's arrival to its broadcast: waiting for a store
+    /// write, the write, and the reactor picking up the completion.
+    pub commit_latency: Histogram,
 }
 
 impl Default for Shared {
@@ -79,6 +82,7 @@ impl Default for Shared {
             store_latency: Histogram::new(LATENCY_BOUNDS),
             store_errors: AtomicU64::new(0),
             batch_size: Histogram::new(BATCH_BOUNDS),
+            commit_latency: Histogram::new(LATENCY_BOUNDS),
         }
     }
 }
@@ -155,6 +159,20 @@ impl Store for TimedStore {
     fn append_messages(&self, room: &str, batch: &[NewMessage]) -> StoreResult<Vec<StoredMessage>> {
         self.shared.batch_size.observe(batch.len() as f64);
         self.timed(|s| s.append_messages(room, batch))
+    }
+    fn append_many(&self, batches: &[RoomBatch]) -> Vec<StoreResult<Vec<StoredMessage>>> {
+        let messages: usize = batches.iter().map(|b| b.messages.len()).sum();
+        self.shared.batch_size.observe(messages as f64);
+        let start = std::time::Instant::now();
+        let out = self.inner.append_many(batches);
+        self.shared
+            .store_latency
+            .observe(start.elapsed().as_secs_f64());
+        let failed = out.iter().filter(|r| r.is_err()).count();
+        self.shared
+            .store_errors
+            .fetch_add(failed as u64, Ordering::Relaxed);
+        out
     }
     fn messages_before(
         &self,

@@ -36,7 +36,7 @@ use crate::http::{self, Parsed, Request, Response, ResponseHeaders};
 use crate::metrics::{Counters, Shared};
 use crate::outbuf::OutBuf;
 use crate::rooms::{ConnRef, Pending, Rooms};
-use crate::store::{NewMessage, Room, Store, StoreError, StoreResult, StoredMessage};
+use crate::store::{NewMessage, Room, RoomBatch, Store, StoreError, StoreResult, StoredMessage};
 use crate::workers::{Job, Pool};
 use crate::ws::{self, close, Bucket, WsIo};
 
@@ -82,13 +82,21 @@ pub enum Outcome {
         since: Option<i64>,
         result: StoreResult<Vec<StoredMessage>>,
     },
-    /// A batch of a room was stored (or not).
-    Batch {
-        room_key: usize,
-        room_id: u64,
-        senders: Vec<ConnRef>,
-        result: StoreResult<Vec<StoredMessage>>,
+    /// A store write of several rooms' batches finished; one result per
+    /// room, in the order of `rooms`.
+    Batches {
+        rooms: Vec<BatchOf>,
+        results: Vec<StoreResult<Vec<StoredMessage>>>,
     },
+}
+
+/// One room's part of a store write.
+pub struct BatchOf {
+    room_key: usize,
+    room_id: u64,
+    senders: Vec<ConnRef>,
+    /// When the oldest message of the batch arrived.
+    oldest: Instant,
 }
 
 struct HttpConn {
@@ -216,6 +224,10 @@ pub struct Reactor {
     flush_list: Vec<usize>,
     again: Vec<usize>,
     dirty_rooms: Vec<usize>,
+    /// Store writes of messages submitted and not yet complete, and how many
+    /// may be (the store lane's thread count).
+    writes_inflight: usize,
+    write_slots: usize,
     stop: Arc<AtomicBool>,
     shutdown: Option<ShutdownState>,
     more_done: bool,
@@ -291,6 +303,8 @@ impl Reactor {
             flush_list: Vec::new(),
             again: Vec::new(),
             dirty_rooms: Vec::new(),
+            writes_inflight: 0,
+            write_slots: workers,
             stop,
             shutdown: None,
             more_done: false,
@@ -309,14 +323,13 @@ impl Reactor {
         let mut next_tick = Instant::now() + self.tick;
         loop {
             let now = Instant::now();
-            let timeout =
-                if !self.again.is_empty() || !self.dirty_rooms.is_empty() || self.more_done {
-                    Duration::ZERO
-                } else if self.shutdown.is_some() {
-                    Duration::from_millis(20)
-                } else {
-                    next_tick.saturating_duration_since(now)
-                };
+            let timeout = if !self.again.is_empty() || self.more_done || self.can_submit() {
+                Duration::ZERO
+            } else if self.shutdown.is_some() {
+                Duration::from_millis(20)
+            } else {
+                next_tick.saturating_duration_since(now)
+            };
             match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1025,6 +1038,7 @@ impl Reactor {
         let ts = ws::now_millis().max(room.last_ts);
         room.last_ts = ts;
         room.pending.push(Pending {
+            arrived: Instant::now(),
             sender: ConnRef { token, id },
             msg: NewMessage {
                 username,
@@ -1194,12 +1208,16 @@ impl Reactor {
                 since,
                 result,
             } => self.joined(conn, &room, since, result),
-            Outcome::Batch {
-                room_key,
-                room_id,
-                senders,
-                result,
-            } => self.batch_done(room_key, room_id, senders, result),
+            Outcome::Batches { rooms, results } => {
+                self.writes_inflight -= 1;
+                for (b, result) in rooms.into_iter().zip(results) {
+                    if result.is_ok() {
+                        let waited = b.oldest.elapsed().as_secs_f64();
+                        self.shared.commit_latency.observe(waited);
+                    }
+                    self.batch_done(b.room_key, b.room_id, b.senders, result);
+                }
+            }
         }
     }
 
@@ -1334,62 +1352,93 @@ impl Reactor {
         self.rooms.drop_if_idle(room_key);
     }
 
-    /// One batch per room with waiting messages and none in flight.
+    /// Rooms are waiting for a store write and a write may start.
+    fn can_submit(&self) -> bool {
+        !self.dirty_rooms.is_empty() && self.writes_inflight < self.write_slots
+    }
+
+    /// Group commit. Every room with waiting messages and no batch in flight
+    /// gives its next batch, and the batches of many rooms go to the store as
+    /// one write (one transaction and fsync on SQLite), up to
+    /// `STORE_BATCH_MAX` messages. At most one write per store thread is in
+    /// flight: while they run, new messages gather for the next one, so the
+    /// busier the server, the bigger the writes.
     fn submit_batches(&mut self) {
-        let batch_max = self.cfg.store_batch_max as usize;
-        let keys = std::mem::take(&mut self.dirty_rooms);
-        let mut retry = Vec::new();
-        for key in keys {
-            let Some(room) = self.rooms.get_mut(key) else {
-                continue;
-            };
-            room.dirty = false;
-            if room.inflight || !room.confirmed || room.pending.is_empty() {
-                continue;
-            }
+        let write_max = self.cfg.store_batch_max as usize;
+        // A batch is queued to every member at once, so its bytes stay well
+        // under the slow-consumer limit: a member that reads keeps up.
+        let byte_cap = self.cfg.ws_max_backlog / 4;
+        while self.can_submit() {
             if self.store_pool.depth() >= QUEUE_CAPACITY {
-                room.dirty = true;
-                retry.push(key);
+                return; // retried on the next pass
+            }
+            let keys = std::mem::take(&mut self.dirty_rooms);
+            let mut rest = Vec::new();
+            let mut parts: Vec<BatchOf> = Vec::new();
+            let mut batches: Vec<RoomBatch> = Vec::new();
+            let mut total = 0;
+            for key in keys {
+                let Some(room) = self.rooms.get_mut(key) else {
+                    continue;
+                };
+                if total >= write_max {
+                    rest.push(key); // still dirty: the next write takes it
+                    continue;
+                }
+                room.dirty = false;
+                if room.inflight || !room.confirmed || room.pending.is_empty() {
+                    continue;
+                }
+                let mut n = 0;
+                let mut bytes = 0;
+                for p in room.pending.iter().take(write_max - total) {
+                    bytes += p.msg.content.len() + p.msg.username.len() + 128;
+                    if n > 0 && bytes > byte_cap {
+                        break;
+                    }
+                    n += 1;
+                }
+                let mut senders = Vec::with_capacity(n);
+                let mut messages = Vec::with_capacity(n);
+                let oldest = room.pending[0].arrived;
+                for p in room.pending.drain(..n) {
+                    senders.push(p.sender);
+                    messages.push(p.msg);
+                }
+                total += n;
+                room.inflight = true;
+                parts.push(BatchOf {
+                    room_key: key,
+                    room_id: room.id,
+                    senders,
+                    oldest,
+                });
+                batches.push(RoomBatch {
+                    room: room.name.to_string(),
+                    messages,
+                });
+            }
+            self.dirty_rooms = rest;
+            if parts.is_empty() {
                 continue;
             }
-            // A batch is queued to every member at once, so its bytes stay
-            // well under the slow-consumer limit: a member that reads keeps up.
-            let byte_cap = self.cfg.ws_max_backlog / 4;
-            let mut n = 0;
-            let mut bytes = 0;
-            for p in room.pending.iter().take(batch_max) {
-                bytes += p.msg.content.len() + p.msg.username.len() + 128;
-                if n > 0 && bytes > byte_cap {
-                    break;
-                }
-                n += 1;
-            }
-            let mut senders = Vec::with_capacity(n);
-            let mut batch = Vec::with_capacity(n);
-            for p in room.pending.drain(..n) {
-                senders.push(p.sender);
-                batch.push(p.msg);
-            }
-            let name = room.name.to_string();
-            let room_id = room.id;
-            room.inflight = true;
-            let job: Job<Outcome> = Box::new(move |store: &dyn Store| Outcome::Batch {
-                room_key: key,
-                room_id,
-                senders,
-                result: store.append_messages(&name, &batch),
+            let keys: Vec<usize> = parts.iter().map(|p| p.room_key).collect();
+            let job: Job<Outcome> = Box::new(move |store: &dyn Store| Outcome::Batches {
+                results: store.append_many(&batches),
+                rooms: parts,
             });
-            if self.store_pool.try_submit(job).is_err() {
-                // Only the reactor submits, so after the depth check this
-                // cannot happen; if it does, the batch is lost: say so.
-                log::error!("store queue refused a batch of {n} messages");
-                if let Some(room) = self.rooms.get_mut(key) {
-                    room.inflight = false;
+            // Only the reactor submits, so after the depth check this cannot
+            // fail; if it does, the batches are lost: say so.
+            if self.store_pool.try_submit(job).is_ok() {
+                self.writes_inflight += 1;
+            } else {
+                log::error!("store queue refused a write of {total} messages");
+                for key in keys {
+                    if let Some(room) = self.rooms.get_mut(key) {
+                        room.inflight = false;
+                    }
                 }
             }
-        }
-        if !retry.is_empty() {
-            self.dirty_rooms = retry;
         }
     }
 
@@ -1618,6 +1667,11 @@ impl Reactor {
             "chatconnect_store_call_seconds",
             "Store call latency.",
         );
+        self.shared.commit_latency.render(
+            &mut out,
+            "chatconnect_commit_seconds",
+            "Per room batch: from its oldest message's arrival to its broadcast.",
+        );
         sample(
             &mut out,
             "chatconnect_store_errors_total",
@@ -1628,7 +1682,7 @@ impl Reactor {
         self.shared.batch_size.render(
             &mut out,
             "chatconnect_store_batch_size",
-            "Messages per store batch.",
+            "Messages per store write (one transaction on SQLite), over all its rooms.",
         );
         out
     }

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::Instant;
 
 use slab::Slab;
 
@@ -25,6 +26,8 @@ pub struct ConnRef {
 pub struct Pending {
     pub sender: ConnRef,
     pub msg: NewMessage,
+    /// When the reactor read it.
+    pub arrived: Instant,
 }
 
 pub struct Room {

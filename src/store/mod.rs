@@ -41,6 +41,13 @@ pub struct StoredMessage {
     pub seq: i64,
 }
 
+/// One room's part of a multi-room append (see [`Store::append_many`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomBatch {
+    pub room: String,
+    pub messages: Vec<NewMessage>,
+}
+
 /// What a delete request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeleteOutcome {
@@ -107,6 +114,18 @@ pub trait Store: Send + Sync {
     /// `seq` of the room, in slice order; the stored messages are returned in
     /// that order. `NoSuchRoom` when the room does not exist.
     fn append_messages(&self, room: &str, batch: &[NewMessage]) -> StoreResult<Vec<StoredMessage>>;
+
+    /// Append the batches of several rooms. Each room's batch succeeds or
+    /// fails on its own, exactly as [`Store::append_messages`] would; the
+    /// results come back in the order of `batches`. A backend that can (the
+    /// SQLite one) writes them all in one transaction, so a pass of the
+    /// reactor over many busy rooms costs one durable commit, not one each.
+    fn append_many(&self, batches: &[RoomBatch]) -> Vec<StoreResult<Vec<StoredMessage>>> {
+        batches
+            .iter()
+            .map(|b| self.append_messages(&b.room, &b.messages))
+            .collect()
+    }
 
     /// The newest `limit` messages with `seq < before` (all when `before` is
     /// `None`), returned oldest first.

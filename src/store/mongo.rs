@@ -163,6 +163,11 @@ impl MongoStore {
         self.db.name()
     }
 
+    /// Drop the whole database (benchmarks and tests clean up with it).
+    pub fn drop_database(&self) -> StoreResult<()> {
+        self.db.drop().run().map_err(unavailable)
+    }
+
     /// Create the indexes (idempotent). A collection that already holds
     /// duplicates of a unique key (the original had no unique indexes) gets
     /// a plain index instead, and the duplicates are logged.

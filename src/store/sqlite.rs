@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
-use super::{DeleteOutcome, NewMessage, Room, Store, StoreError, StoreResult, StoredMessage};
+use super::{
+    DeleteOutcome, NewMessage, Room, RoomBatch, Store, StoreError, StoreResult, StoredMessage,
+};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "chatconnect.db";
@@ -45,6 +47,11 @@ CREATE TABLE IF NOT EXISTS messages (
 pub struct SqliteStore {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    /// Held by every writing call. SQLite admits one writer at a time and
+    /// makes the others sleep and poll (the busy handler backs off to 100 ms
+    /// naps), so this process's writers queue here instead and each starts
+    /// the moment the previous one commits.
+    writer: Mutex<()>,
 }
 
 fn unavailable(err: rusqlite::Error) -> StoreError {
@@ -67,6 +74,7 @@ impl SqliteStore {
         let store = SqliteStore {
             path: dir.join(DB_FILE),
             idle: Mutex::new(Vec::new()),
+            writer: Mutex::new(()),
         };
         let conn = store.connect()?;
         let version: i64 = conn
@@ -130,6 +138,12 @@ impl SqliteStore {
         }
         out
     }
+
+    /// [`SqliteStore::with`] for calls that write: one writer at a time.
+    fn write<T>(&self, f: impl FnOnce(&mut Connection) -> StoreResult<T>) -> StoreResult<T> {
+        let _turn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        self.with(f)
+    }
 }
 
 fn room_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Room> {
@@ -166,13 +180,55 @@ fn query_messages(
     Ok(out)
 }
 
+/// Number and insert one room's batch inside the caller's transaction.
+/// `NoSuchRoom` is found before anything is written.
+fn append_in(
+    conn: &Connection,
+    room: &str,
+    batch: &[NewMessage],
+) -> StoreResult<Vec<StoredMessage>> {
+    let last: Option<i64> = conn
+        .query_row(
+            "UPDATE rooms SET last_seq = last_seq + ?2 WHERE name = ?1 RETURNING last_seq",
+            params![room, batch.len() as i64],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(unavailable)?;
+    let Some(last) = last else {
+        return Err(StoreError::NoSuchRoom);
+    };
+    let first = last - batch.len() as i64 + 1;
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO messages (room_id, seq, username, content, timestamp)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(unavailable)?;
+    let mut stored = Vec::with_capacity(batch.len());
+    for (i, m) in batch.iter().enumerate() {
+        let seq = first + i as i64;
+        insert
+            .execute(params![room, seq, m.username, m.content, m.timestamp])
+            .map_err(unavailable)?;
+        stored.push(StoredMessage {
+            room_id: room.to_owned(),
+            username: m.username.clone(),
+            content: m.content.clone(),
+            timestamp: m.timestamp,
+            seq,
+        });
+    }
+    Ok(stored)
+}
+
 impl Store for SqliteStore {
     fn ping(&self) -> StoreResult<()> {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable))
     }
 
     fn create_user(&self, username: &str, password_hash: &str) -> StoreResult<()> {
-        self.with(|c| {
+        self.write(|c| {
             match c.execute(
                 "INSERT INTO users (username, password_hash) VALUES (?1, ?2)",
                 params![username, password_hash],
@@ -197,7 +253,7 @@ impl Store for SqliteStore {
     }
 
     fn create_room(&self, room: &Room) -> StoreResult<()> {
-        self.with(|c| {
+        self.write(|c| {
             match c.execute(
                 "INSERT INTO rooms (name, creator, created_at) VALUES (?1, ?2, ?3)",
                 params![room.name, room.creator, room.created_at],
@@ -210,7 +266,11 @@ impl Store for SqliteStore {
     }
 
     fn ensure_room(&self, room: &Room) -> StoreResult<Room> {
-        self.with(|c| {
+        // Most joins find their room: a read, which never waits for writers.
+        if let Some(found) = self.get_room(&room.name)? {
+            return Ok(found);
+        }
+        self.write(|c| {
             c.execute(
                 "INSERT INTO rooms (name, creator, created_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT (name) DO NOTHING",
@@ -251,7 +311,7 @@ impl Store for SqliteStore {
     }
 
     fn delete_room(&self, name: &str, requester: &str) -> StoreResult<DeleteOutcome> {
-        self.with(|c| {
+        self.write(|c| {
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
@@ -281,47 +341,48 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        self.with(|c| {
+        self.write(|c| {
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
-            let last: Option<i64> = tx
-                .query_row(
-                    "UPDATE rooms SET last_seq = last_seq + ?2 WHERE name = ?1 RETURNING last_seq",
-                    params![room, batch.len() as i64],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(unavailable)?;
-            let Some(last) = last else {
-                return Err(StoreError::NoSuchRoom);
-            };
-            let first = last - batch.len() as i64 + 1;
-            let mut stored = Vec::with_capacity(batch.len());
-            {
-                let mut insert = tx
-                    .prepare_cached(
-                        "INSERT INTO messages (room_id, seq, username, content, timestamp)
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
-                    )
-                    .map_err(unavailable)?;
-                for (i, m) in batch.iter().enumerate() {
-                    let seq = first + i as i64;
-                    insert
-                        .execute(params![room, seq, m.username, m.content, m.timestamp])
-                        .map_err(unavailable)?;
-                    stored.push(StoredMessage {
-                        room_id: room.to_owned(),
-                        username: m.username.clone(),
-                        content: m.content.clone(),
-                        timestamp: m.timestamp,
-                        seq,
-                    });
-                }
-            }
+            let stored = append_in(&tx, room, batch)?;
             tx.commit().map_err(unavailable)?;
             Ok(stored)
         })
+    }
+
+    fn append_many(&self, batches: &[RoomBatch]) -> Vec<StoreResult<Vec<StoredMessage>>> {
+        let all = self.write(|c| {
+            let mut tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let mut results = Vec::with_capacity(batches.len());
+            for b in batches {
+                if b.messages.is_empty() {
+                    results.push(Ok(Vec::new()));
+                    continue;
+                }
+                // A savepoint per room: a room that fails (deleted meanwhile,
+                // say) leaves nothing behind and does not sink the others.
+                let sp = tx.savepoint().map_err(unavailable)?;
+                match append_in(&sp, &b.room, &b.messages) {
+                    Ok(stored) => {
+                        sp.commit().map_err(unavailable)?;
+                        results.push(Ok(stored));
+                    }
+                    Err(e) => {
+                        drop(sp); // rolls this room back
+                        results.push(Err(e));
+                    }
+                }
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(results)
+        });
+        match all {
+            Ok(results) => results,
+            Err(e) => batches.iter().map(|_| Err(e.clone())).collect(),
+        }
     }
 
     fn messages_before(

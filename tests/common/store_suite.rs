@@ -27,7 +27,9 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use chatconnect::store::{DeleteOutcome, NewMessage, Room, Store, StoreError, StoredMessage};
+use chatconnect::store::{
+    DeleteOutcome, NewMessage, Room, RoomBatch, Store, StoreError, StoredMessage,
+};
 
 /// A backend under test plus whatever must live as long as it (a temp dir).
 pub struct TestStore {
@@ -95,6 +97,14 @@ pub const ALL: &[(&str, Check)] = &[
     ),
     ("rooms_number_independently", rooms_number_independently),
     (
+        "append_many_numbers_each_room_on_its_own",
+        append_many_numbers_each_room_on_its_own,
+    ),
+    (
+        "append_many_missing_room_fails_alone",
+        append_many_missing_room_fails_alone,
+    ),
+    (
         "concurrent_appends_get_unique_contiguous_seqs",
         concurrent_appends_get_unique_contiguous_seqs,
     ),
@@ -143,6 +153,8 @@ macro_rules! store_suite_tests {
             append_to_missing_room_is_no_such_room,
             append_after_delete_is_no_such_room,
             rooms_number_independently,
+            append_many_numbers_each_room_on_its_own,
+            append_many_missing_room_fails_alone,
             concurrent_appends_get_unique_contiguous_seqs,
             messages_before_pages_oldest_first,
             messages_before_limit_larger_than_room,
@@ -503,6 +515,81 @@ pub fn rooms_number_independently(store: &dyn Store) {
     assert_eq!(seqs(&fill(store, &a.name, 3, 3)), vec![1, 2, 3]);
     assert_eq!(seqs(&fill(store, &b.name, 2, 1)), vec![1, 2]);
     assert_eq!(seqs(&fill(store, &a.name, 1, 1)), vec![4]);
+}
+
+fn room_batch(room: &str, contents: &[&str]) -> RoomBatch {
+    let t = now_ms();
+    RoomBatch {
+        room: room.to_string(),
+        messages: contents.iter().map(|c| msg("multi", c, t)).collect(),
+    }
+}
+
+fn contents(msgs: &[StoredMessage]) -> Vec<&str> {
+    msgs.iter().map(|m| m.content.as_str()).collect()
+}
+
+pub fn append_many_numbers_each_room_on_its_own(store: &dyn Store) {
+    let a = new_room(store, "alice");
+    let b = new_room(store, "bob");
+    let c = new_room(store, "carol");
+    fill(store, &b.name, 5, 5);
+    let results = store.append_many(&[
+        room_batch(&a.name, &["a1", "a2"]),
+        room_batch(&b.name, &["b6"]),
+        room_batch(&c.name, &[]),
+        room_batch(&a.name, &["a3"]),
+    ]);
+    assert_eq!(results.len(), 4, "one result per batch, in order");
+    let stored: Vec<Vec<StoredMessage>> = results
+        .into_iter()
+        .map(|r| r.expect("append_many"))
+        .collect();
+    assert_eq!(seqs(&stored[0]), vec![1, 2]);
+    assert_eq!(contents(&stored[0]), vec!["a1", "a2"]);
+    assert!(stored[0].iter().all(|m| m.room_id == a.name));
+    assert_eq!(seqs(&stored[1]), vec![6]);
+    assert_eq!(stored[1][0].room_id, b.name);
+    assert!(stored[2].is_empty());
+    assert_eq!(seqs(&stored[3]), vec![3], "the same room twice continues");
+    let in_a = store.messages_after(&a.name, 0, 10).expect("read a");
+    assert_eq!(contents(&in_a), vec!["a1", "a2", "a3"]);
+    assert_eq!(seqs(&in_a), vec![1, 2, 3]);
+    assert_eq!(
+        seqs(&store.messages_after(&b.name, 0, 10).expect("read b")),
+        range(1, 6)
+    );
+    assert_eq!(store.messages_after(&c.name, 0, 10), Ok(vec![]));
+}
+
+pub fn append_many_missing_room_fails_alone(store: &dyn Store) {
+    let a = new_room(store, "alice");
+    let gone = new_room(store, "bob");
+    fill(store, &gone.name, 2, 2);
+    assert_eq!(
+        store.delete_room(&gone.name, "bob"),
+        Ok(DeleteOutcome::Deleted)
+    );
+    let missing = unique("missing");
+    let z = new_room(store, "zoe");
+    let results = store.append_many(&[
+        room_batch(&a.name, &["a1"]),
+        room_batch(&missing, &["lost"]),
+        room_batch(&gone.name, &["late"]),
+        room_batch(&z.name, &["z1", "z2"]),
+    ]);
+    assert_eq!(results.len(), 4);
+    assert_eq!(seqs(results[0].as_ref().expect("a stored")), vec![1]);
+    assert_eq!(results[1], Err(StoreError::NoSuchRoom));
+    assert_eq!(results[2], Err(StoreError::NoSuchRoom));
+    assert_eq!(seqs(results[3].as_ref().expect("z stored")), vec![1, 2]);
+    assert_eq!(store.get_room(&missing), Ok(None), "no room made");
+    assert_eq!(store.get_room(&gone.name), Ok(None), "not revived");
+    assert_eq!(store.messages_after(&gone.name, 0, 10), Ok(vec![]));
+    assert_eq!(
+        contents(&store.messages_after(&z.name, 0, 10).expect("read z")),
+        vec!["z1", "z2"]
+    );
 }
 
 pub fn concurrent_appends_get_unique_contiguous_seqs(store: &dyn Store) {
