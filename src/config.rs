@@ -120,7 +120,7 @@ pub struct Config {
     #[arg(long, env = "HTTP_MAX_BODY", default_value = "64KiB", value_parser = parse_size)]
     pub http_max_body: usize,
 
-    /// Most messages written to the store in one batch (1 turns group commit off)
+    /// Most messages in one store write, over all its rooms (1 turns group commit off)
     #[arg(long, env = "STORE_BATCH_MAX", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub store_batch_max: u32,

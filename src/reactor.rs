@@ -35,7 +35,7 @@ use crate::config::Config;
 use crate::http::{self, Parsed, Request, Response, ResponseHeaders};
 use crate::metrics::{Counters, Shared};
 use crate::outbuf::OutBuf;
-use crate::rooms::{ConnRef, Pending, Rooms};
+use crate::rooms::{ConnRef, DeferredJoin, Pending, Rooms};
 use crate::store::{NewMessage, Room, RoomBatch, Store, StoreError, StoreResult, StoredMessage};
 use crate::workers::{Job, Pool};
 use crate::ws::{self, close, Bucket, WsIo};
@@ -54,6 +54,9 @@ const HTTP_OUT_HIGH_WATER: usize = 1 << 20;
 const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(60);
 /// How long a closing connection may take to hang up.
 const LINGER: Duration = Duration::from_secs(5);
+/// While writing to many sockets in one pass, look for finished store work
+/// after this many.
+const FLUSH_CHECK_EVERY: usize = 32;
 /// Jobs waiting per worker lane before the server answers 503.
 const QUEUE_CAPACITY: usize = 4096;
 /// Messages sent instead of the recent history when a client resumes.
@@ -520,13 +523,24 @@ impl Reactor {
 
     fn flush_all(&mut self) {
         let mut list = std::mem::take(&mut self.flush_list);
-        for token in list.drain(..) {
+        for (i, token) in list.drain(..).enumerate() {
+            // Writing to every member of a big room takes tens of
+            // milliseconds. A batch the store finished meanwhile is broadcast
+            // now: the members not written yet (still `queued`) take it in
+            // this same write, the others in the next pass. Waiting for the
+            // end of the pass would cost every message a whole extra pass.
+            if i % FLUSH_CHECK_EVERY == FLUSH_CHECK_EVERY - 1 && !self.done.is_empty() {
+                self.apply_completions();
+                self.submit_batches();
+            }
             if let Some(c) = self.conns.get_mut(token) {
                 c.queued = false;
                 self.flush(token);
             }
         }
-        self.flush_list = list;
+        // What was scheduled during the pass waits for the next one.
+        let newer = std::mem::replace(&mut self.flush_list, list);
+        self.flush_list.extend(newer);
     }
 
     /// Write what the socket takes; arrange a writable event for the rest.
@@ -1084,11 +1098,31 @@ impl Reactor {
         self.schedule_flush(token);
     }
 
-    /// Queue one encoded message to every member of a room. Members still
-    /// joining keep it until their history is out.
-    fn broadcast(&mut self, room_key: usize, seq: i64, frame: &Rc<[u8]>, slow: &mut Vec<usize>) {
+    /// Queue a stored batch to every member of a room. `chunk` holds the
+    /// batch's frames back to back (frame `i` ends at `ends[i]` and has seq
+    /// `seqs[i]`, rising), so a live member takes the whole batch as one shared
+    /// chunk: one queue entry however many messages it holds. A member whose
+    /// join already sent part of the batch, and members still joining (who
+    /// keep messages until their history is out), take single frames.
+    fn broadcast(
+        &mut self,
+        room_key: usize,
+        seqs: &[i64],
+        chunk: &Rc<[u8]>,
+        ends: &[usize],
+        slow: &mut Vec<usize>,
+    ) {
         let Some(room) = self.rooms.get(room_key) else {
             return;
+        };
+        let (Some(&first_seq), Some(&last_seq), Some(&last_end)) =
+            (seqs.first(), seqs.last(), ends.last())
+        else {
+            return;
+        };
+        let frame_at = |i: usize| {
+            let start = if i == 0 { 0 } else { ends[i - 1] };
+            &chunk[start..ends[i]]
         };
         let max_backlog = self.cfg.ws_max_backlog;
         for (_, &token) in room.members.iter() {
@@ -1100,12 +1134,20 @@ impl Reactor {
             };
             match &mut w.phase {
                 Phase::Live => {
-                    if seq <= w.sent_upto {
+                    if last_seq <= w.sent_upto {
                         continue;
                     }
                     let out = &mut w.ws.get_mut().out;
-                    out.push(frame.clone());
-                    self.counters.messages_delivered += 1;
+                    if first_seq > w.sent_upto {
+                        out.push(chunk.clone());
+                        self.counters.messages_delivered += ends.len() as u64;
+                    } else {
+                        let upto = w.sent_upto;
+                        let skip = seqs.partition_point(|&s| s <= upto);
+                        let start = ends[skip - 1];
+                        out.push_bytes(&chunk[start..last_end]);
+                        self.counters.messages_delivered += (ends.len() - skip) as u64;
+                    }
                     if conn.want_write {
                         // The socket was full when last tried: what is
                         // queued now is unsent backlog.
@@ -1118,8 +1160,11 @@ impl Reactor {
                     }
                 }
                 Phase::Joining { buffered, bytes } => {
-                    buffered.push((seq, frame.clone()));
-                    *bytes += frame.len();
+                    for (i, &seq) in seqs.iter().enumerate() {
+                        let frame = frame_at(i);
+                        buffered.push((seq, Rc::from(frame)));
+                        *bytes += frame.len();
+                    }
                     if *bytes > max_backlog {
                         slow.push(token);
                     }
@@ -1207,7 +1252,25 @@ impl Reactor {
                 room,
                 since,
                 result,
-            } => self.joined(conn, &room, since, result),
+            } => {
+                // The history was read by one store thread while another may
+                // have been writing this room's batch: if that batch is still
+                // in flight, the history may hold part of it (or, cut to the
+                // newest HISTORY_LIMIT, hold its end but not its start). The
+                // member takes its history once the batch is broadcast, so
+                // its buffer holds the whole batch and the merge has no gap.
+                if let Some(r) = self.rooms.key_of(&room).and_then(|k| self.rooms.get_mut(k)) {
+                    if r.inflight && result.is_ok() {
+                        r.deferred_joins.push(DeferredJoin {
+                            conn,
+                            since,
+                            result,
+                        });
+                        return;
+                    }
+                }
+                self.joined(conn, &room, since, result)
+            }
             Outcome::Batches { rooms, results } => {
                 self.writes_inflight -= 1;
                 for (b, result) in rooms.into_iter().zip(results) {
@@ -1316,12 +1379,16 @@ impl Reactor {
             Ok(stored) => {
                 self.counters.messages_stored += stored.len() as u64;
                 let mut slow = Vec::new();
+                let mut bytes = Vec::new();
+                let mut ends = Vec::with_capacity(stored.len());
+                let mut seqs = Vec::with_capacity(stored.len());
                 for m in &stored {
-                    let mut bytes = Vec::new();
                     ws::message_frame_into(&mut bytes, m);
-                    let frame: Rc<[u8]> = Rc::from(bytes);
-                    self.broadcast(room_key, m.seq, &frame, &mut slow);
+                    ends.push(bytes.len());
+                    seqs.push(m.seq);
                 }
+                let chunk: Rc<[u8]> = Rc::from(bytes);
+                self.broadcast(room_key, &seqs, &chunk, &ends, &mut slow);
                 self.close_slow(&mut slow);
             }
             Err(StoreError::NoSuchRoom) => {
@@ -1343,10 +1410,19 @@ impl Reactor {
                 }
             }
         }
+        let mut deferred = Vec::new();
+        let mut name = None;
         if let Some(room) = self.rooms.get_mut(room_key) {
             if !room.pending.is_empty() && !room.dirty {
                 room.dirty = true;
                 self.dirty_rooms.push(room_key);
+            }
+            deferred = std::mem::take(&mut room.deferred_joins);
+            name = Some(room.name.clone());
+        }
+        if let Some(name) = name {
+            for j in deferred {
+                self.joined(j.conn, &name, j.since, j.result);
             }
         }
         self.rooms.drop_if_idle(room_key);

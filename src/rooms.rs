@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use slab::Slab;
 
-use crate::store::NewMessage;
+use crate::store::{NewMessage, StoreResult, StoredMessage};
 
 /// Which connection a message came from: the slab token and the connection's
 /// unique id (tokens are reused, ids are not).
@@ -28,6 +28,14 @@ pub struct Pending {
     pub msg: NewMessage,
     /// When the reactor read it.
     pub arrived: Instant,
+}
+
+/// A join whose history came back while the room had a batch in flight;
+/// applied once that batch is broadcast.
+pub struct DeferredJoin {
+    pub conn: ConnRef,
+    pub since: Option<i64>,
+    pub result: StoreResult<Vec<StoredMessage>>,
 }
 
 pub struct Room {
@@ -46,6 +54,8 @@ pub struct Room {
     pub dirty: bool,
     /// Newest timestamp handed out, so timestamps never go backwards in a room.
     pub last_ts: i64,
+    /// Joins waiting for the batch in flight (see [`DeferredJoin`]).
+    pub deferred_joins: Vec<DeferredJoin>,
 }
 
 impl Room {
@@ -80,6 +90,7 @@ impl Rooms {
                     confirmed: false,
                     dirty: false,
                     last_ts: 0,
+                    deferred_joins: Vec::new(),
                 });
                 self.by_name.insert(name, key);
                 key

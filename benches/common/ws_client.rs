@@ -121,7 +121,7 @@ pub async fn connect(addr: SocketAddr, path: &str) -> io::Result<WsConn> {
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(hay, needle)
 }
 
 /// Append one masked client frame to `out`.
@@ -261,22 +261,26 @@ impl WsConn {
 /// writes `{"room_id":..,"username":..,"content":"..",..,"seq":N}` and the
 /// load generator's contents never need escaping.
 pub fn field_str<'a>(json: &'a [u8], name: &str) -> Option<&'a [u8]> {
-    let key = format!("\"{name}\":\"");
-    let at = find(json, key.as_bytes())? + key.len();
+    // `"name":"`, built on the stack: this runs for every delivery.
+    let mut key = [0u8; 68];
+    let n = name.len() + 4;
+    if n > key.len() {
+        return None;
+    }
+    key[0] = b'"';
+    key[1..n - 3].copy_from_slice(name.as_bytes());
+    key[n - 3..n].copy_from_slice(b"\":\"");
+    let at = find(json, &key[..n])? + n;
     let rest = &json[at..];
-    let end = rest.iter().position(|&c| c == b'"')?;
+    let end = memchr::memchr(b'"', rest)?;
     Some(&rest[..end])
 }
 
 /// The `seq` number of a message frame (it is the last field).
 pub fn field_seq(json: &[u8]) -> Option<i64> {
     let key = b"\"seq\":";
-    // Look near the end first: the server writes `seq` last.
-    let from = json.len().saturating_sub(40);
-    let at = find(&json[from..], key)
-        .map(|p| p + from)
-        .or_else(|| find(json, key))?
-        + key.len();
+    // The server writes `seq` last: search from the end.
+    let at = memchr::memmem::rfind(json, key)? + key.len();
     let digits = json[at..]
         .iter()
         .take_while(|c| c.is_ascii_digit() || **c == b'-')
