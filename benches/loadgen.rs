@@ -68,7 +68,7 @@ common flags:
 
 idle:   --conns 19000 --rooms 100 --seed 10 --hold 10
         --concurrency 96 (handshakes in flight over all processes: keep it under
-        the server's accept backlog, 128 with mio's bind, or SYNs are dropped)
+        the target's accept backlog, or SYNs are dropped and retried a second later)
 fanout: --members 5000 --senders 10 --rate 2 --factor 2 --steps 10 --refine 3
         --step-secs 4 --drain-secs 5 --p99-limit-ms 100 --size 64 --seed 3 --all-steps
 many:   --rooms 1000 --room-size 10 --rate 250 --factor 2 --steps 8 --refine 3 (rest as fanout)

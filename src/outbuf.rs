@@ -98,7 +98,13 @@ impl OutBuf {
                 slices[i] = IoSlice::new(&chunk[start..]);
                 n += 1;
             }
-            match sink.write_vectored(&slices[..n]) {
+            // One segment is a plain write: the kernel skips the iovec copy.
+            let result = if n == 1 {
+                sink.write(&slices[0])
+            } else {
+                sink.write_vectored(&slices[..n])
+            };
+            match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(written) => self.consume(written),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),

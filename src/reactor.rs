@@ -326,7 +326,11 @@ impl Reactor {
         let mut next_tick = Instant::now() + self.tick;
         loop {
             let now = Instant::now();
-            let timeout = if !self.again.is_empty() || self.more_done || self.can_submit() {
+            let timeout = if !self.again.is_empty()
+                || !self.flush_list.is_empty()
+                || self.more_done
+                || self.can_submit()
+            {
                 Duration::ZERO
             } else if self.shutdown.is_some() {
                 Duration::from_millis(20)

@@ -13,6 +13,9 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::LazyLock;
+
+use memchr::memmem;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -121,7 +124,7 @@ pub async fn connect(addr: SocketAddr, path: &str) -> io::Result<WsConn> {
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    memchr::memmem::find(hay, needle)
+    memmem::find(hay, needle)
 }
 
 /// Append one masked client frame to `out`.
@@ -261,32 +264,40 @@ impl WsConn {
 /// writes `{"room_id":..,"username":..,"content":"..",..,"seq":N}` and the
 /// load generator's contents never need escaping.
 pub fn field_str<'a>(json: &'a [u8], name: &str) -> Option<&'a [u8]> {
-    // `"name":"`, built on the stack: this runs for every delivery.
-    let mut key = [0u8; 68];
-    let n = name.len() + 4;
-    if n > key.len() {
-        return None;
-    }
-    key[0] = b'"';
-    key[1..n - 3].copy_from_slice(name.as_bytes());
-    key[n - 3..n].copy_from_slice(b"\":\"");
-    let at = find(json, &key[..n])? + n;
+    let at = if name == "content" {
+        // The hot case (every delivery): a searcher built once, not per call.
+        static CONTENT: LazyLock<memmem::Finder<'static>> =
+            LazyLock::new(|| memmem::Finder::new(b"\"content\":\"").into_owned());
+        CONTENT.find(json)? + CONTENT.needle().len()
+    } else {
+        let key = format!("\"{name}\":\"");
+        find(json, key.as_bytes())? + key.len()
+    };
     let rest = &json[at..];
     let end = memchr::memchr(b'"', rest)?;
     Some(&rest[..end])
 }
 
-/// The `seq` number of a message frame (it is the last field).
+/// The `seq` number of a message frame (the server writes it last).
 pub fn field_seq(json: &[u8]) -> Option<i64> {
-    let key = b"\"seq\":";
-    // The server writes `seq` last: search from the end.
-    let at = memchr::memmem::rfind(json, key)? + key.len();
-    let digits = json[at..]
+    const KEY: &[u8] = b"\"seq\":";
+    // Usually the last `:` of the frame is seq's own; anything else (a frame
+    // from another writer) takes the general search from the end.
+    let at = match memchr::memrchr(b':', json) {
+        Some(c) if json[..=c].ends_with(KEY) => c + 1,
+        _ => memmem::rfind(json, KEY)? + KEY.len(),
+    };
+    let rest = &json[at..];
+    let (neg, digits) = match rest.first() {
+        Some(b'-') => (true, &rest[1..]),
+        _ => (false, rest),
+    };
+    let n = digits.iter().take_while(|c| c.is_ascii_digit()).count();
+    if n == 0 || n > 18 {
+        return None;
+    }
+    let v = digits[..n]
         .iter()
-        .take_while(|c| c.is_ascii_digit() || **c == b'-')
-        .count();
-    std::str::from_utf8(&json[at..at + digits])
-        .ok()?
-        .parse()
-        .ok()
+        .fold(0i64, |v, c| v * 10 + i64::from(c - b'0'));
+    Some(if neg { -v } else { v })
 }
