@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use chatconnect::store::mongo::MongoStore;
-use chatconnect::store::{NewMessage, Room, Store, StoreError, StoredMessage};
+use chatconnect::store::{NewMessage, Room, RoomBatch, Store, StoreError, StoredMessage};
 use mongodb::bson::{doc, Bson, DateTime, Document};
 
 use mongo::{assert_required_indexes, find_all, index_keys, key_fields, TestDb};
@@ -589,4 +589,86 @@ fn mongo_large_batch_after_another_process_wrote_is_stored_once() {
     );
     assert_eq!(seqs(&all), (1..=(4 + BIG) as i64).collect::<Vec<_>>());
     assert_eq!(&all[4..], &stored[..]);
+}
+
+/// A multi-room write where another process has meanwhile written into one
+/// of the rooms: the one-insert path clashes on that room's numbers, takes
+/// its documents back out, and the write is redone room by room. Every room
+/// ends with each message exactly once, numbered without gaps.
+#[test]
+fn mongo_append_many_after_another_process_wrote_is_stored_once() {
+    let db = TestDb::new("manyclash");
+    let a = connect(&db);
+    let b = connect(&db);
+    a.prepare().expect("prepare");
+    let names = ["North", "South", "East"];
+    for name in names {
+        let room = Room {
+            name: name.into(),
+            creator: "alice".into(),
+            created_at: now_ms(),
+        };
+        a.create_room(&room).expect("create");
+        // a learns each room's numbers.
+        a.append_messages(name, &[msg("a", &format!("{name}-first"), now_ms())])
+            .expect("first");
+    }
+    // Another process writes into South behind a's back.
+    let from_b = b
+        .append_messages(
+            "South",
+            &[msg("b", "b0", now_ms()), msg("b", "b1", now_ms())],
+        )
+        .expect("b");
+    assert_eq!(seqs(&from_b), vec![2, 3]);
+    let batches: Vec<RoomBatch> = names
+        .iter()
+        .map(|name| RoomBatch {
+            room: (*name).into(),
+            messages: (0..3)
+                .map(|i| msg("a", &format!("{name}-{i}"), now_ms()))
+                .collect(),
+        })
+        .collect();
+    let results = a.append_many(&batches);
+    assert_eq!(results.len(), 3);
+    let stored: Vec<Vec<StoredMessage>> = results
+        .into_iter()
+        .map(|r| r.expect("append_many"))
+        .collect();
+    assert_eq!(seqs(&stored[0]), vec![2, 3, 4], "North");
+    assert_eq!(
+        seqs(&stored[1]),
+        vec![4, 5, 6],
+        "South follows b's messages"
+    );
+    assert_eq!(seqs(&stored[2]), vec![2, 3, 4], "East");
+    for (name, want) in [("North", 4), ("South", 6), ("East", 4)] {
+        let all = b.messages_before(name, None, 100).expect("read");
+        assert_eq!(
+            seqs(&all),
+            (1..=want).collect::<Vec<_>>(),
+            "{name}: every message once, no gap"
+        );
+        let docs = db
+            .coll("messages")
+            .count_documents(doc! {"room_id": name})
+            .run()
+            .expect("count");
+        assert_eq!(docs, want as u64, "{name}: no leftover documents");
+    }
+    // The multi-room path still works for a afterwards (its numbers are
+    // up to date again).
+    let again = a.append_many(&[
+        RoomBatch {
+            room: "North".into(),
+            messages: vec![msg("a", "n-last", now_ms())],
+        },
+        RoomBatch {
+            room: "South".into(),
+            messages: vec![msg("a", "s-last", now_ms())],
+        },
+    ]);
+    assert_eq!(seqs(again[0].as_ref().expect("north")), vec![5]);
+    assert_eq!(seqs(again[1].as_ref().expect("south")), vec![7]);
 }

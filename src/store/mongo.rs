@@ -30,7 +30,8 @@ use mongodb::sync::{Client, Collection, Database};
 use mongodb::IndexModel;
 
 use super::{
-    DeleteOutcome, Millis, NewMessage, Room, Store, StoreError, StoreResult, StoredMessage,
+    DeleteOutcome, Millis, NewMessage, Room, RoomBatch, Store, StoreError, StoreResult,
+    StoredMessage,
 };
 
 /// MongoDB's duplicate key error.
@@ -404,6 +405,129 @@ impl MongoStore {
         }
     }
 
+    /// Names among `names` that have a room document (one query).
+    fn existing_rooms(&self, names: &[&str]) -> StoreResult<HashSet<String>> {
+        let cursor = self
+            .rooms
+            .find(doc! { "name": { "$in": names.to_vec() } })
+            .projection(doc! { "name": 1, "_id": 0 })
+            .run()
+            .map_err(unavailable)?;
+        let mut found = HashSet::new();
+        for d in cursor {
+            let d = d.map_err(unavailable)?;
+            if let Ok(name) = d.get_str("name") {
+                found.insert(name.to_owned());
+            }
+        }
+        Ok(found)
+    }
+
+    /// The one-insert path of `append_many` (room names are distinct).
+    /// `Ok(None)`: a numbering clash; nothing of this call is left stored
+    /// and the caller writes room by room instead.
+    fn append_together(
+        &self,
+        batches: &[RoomBatch],
+    ) -> StoreResult<Option<Vec<StoreResult<Vec<StoredMessage>>>>> {
+        self.ensure_prepared()?;
+        let names: Vec<&str> = batches.iter().map(|b| b.room.as_str()).collect();
+        let existing = self.existing_rooms(&names)?;
+        let mut results: Vec<StoreResult<Vec<StoredMessage>>> = Vec::with_capacity(batches.len());
+        let mut docs: Vec<Document> = Vec::new();
+        let mut ids: Vec<ObjectId> = Vec::new();
+        for b in batches {
+            if !existing.contains(&b.room) {
+                results.push(Err(StoreError::NoSuchRoom));
+                continue;
+            }
+            if let Err(e) = self.number_legacy(&b.room) {
+                results.push(Err(e));
+                continue;
+            }
+            let known = self
+                .last_seq
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&b.room)
+                .copied();
+            let next = match known {
+                Some(s) => s + 1,
+                None => match self.max_seq(&b.room) {
+                    Ok(s) => s + 1,
+                    Err(e) => {
+                        results.push(Err(e));
+                        continue;
+                    }
+                },
+            };
+            let mut stored = Vec::with_capacity(b.messages.len());
+            for (i, m) in b.messages.iter().enumerate() {
+                let id = ObjectId::new();
+                let seq = next + i as i64;
+                ids.push(id);
+                docs.push(doc! {
+                    "_id": id,
+                    "room_id": &b.room,
+                    "username": &m.username,
+                    "content": &m.content,
+                    "timestamp": DateTime::from_millis(m.timestamp),
+                    "seq": seq,
+                });
+                stored.push(StoredMessage {
+                    room_id: b.room.clone(),
+                    username: m.username.clone(),
+                    content: m.content.clone(),
+                    timestamp: m.timestamp,
+                    seq,
+                });
+            }
+            results.push(Ok(stored));
+        }
+        if docs.is_empty() {
+            return Ok(Some(results));
+        }
+        if let Err(e) = self.messages.insert_many(docs).ordered(true).run() {
+            // Whatever went in before the failure comes back out, so no room
+            // keeps part of this write.
+            let undo = self
+                .messages
+                .delete_many(doc! { "_id": { "$in": ids } })
+                .run();
+            return match (is_duplicate(&e), undo) {
+                (true, Ok(_)) => Ok(None),
+                (_, Err(undo)) => {
+                    log::error!("a failed multi-room insert could not be taken back: {undo}");
+                    Err(unavailable(e))
+                }
+                (false, Ok(_)) => Err(unavailable(e)),
+            };
+        }
+        // A room deleted while this was written loses what was written into
+        // it, as in `append_messages`.
+        let still = self.existing_rooms(&names)?;
+        for (b, r) in batches.iter().zip(results.iter_mut()) {
+            let Ok(stored) = r else {
+                continue;
+            };
+            let Some(last) = stored.last() else {
+                continue;
+            };
+            if still.contains(&b.room) {
+                self.remember_seq(&b.room, last.seq);
+                continue;
+            }
+            let seqs: Vec<i64> = stored.iter().map(|m| m.seq).collect();
+            self.messages
+                .delete_many(doc! { "room_id": &b.room, "seq": { "$in": seqs } })
+                .run()
+                .map_err(unavailable)?;
+            self.forget_room(&b.room);
+            *r = Err(StoreError::NoSuchRoom);
+        }
+        Ok(Some(results))
+    }
+
     fn query_messages(&self, filter: Document, limit: usize) -> StoreResult<Vec<StoredMessage>> {
         let cursor = self
             .messages
@@ -637,6 +761,29 @@ impl Store for MongoStore {
             return Err(StoreError::NoSuchRoom);
         }
         Ok(stored)
+    }
+
+    /// Several rooms in one insert: one query for the rooms, one
+    /// `insert_many` for every room's messages, one query to confirm the
+    /// rooms are still there, whatever the number of rooms. A numbering clash
+    /// (another process wrote into one of the rooms) takes this write's
+    /// documents back out and stores room by room, where clashes are retried.
+    fn append_many(&self, batches: &[RoomBatch]) -> Vec<StoreResult<Vec<StoredMessage>>> {
+        let names: HashSet<&str> = batches.iter().map(|b| b.room.as_str()).collect();
+        if batches.len() < 2 || names.len() != batches.len() {
+            return batches
+                .iter()
+                .map(|b| self.append_messages(&b.room, &b.messages))
+                .collect();
+        }
+        match self.append_together(batches) {
+            Ok(Some(results)) => results,
+            Ok(None) => batches
+                .iter()
+                .map(|b| self.append_messages(&b.room, &b.messages))
+                .collect(),
+            Err(e) => batches.iter().map(|_| Err(e.clone())).collect(),
+        }
     }
 
     fn messages_before(
