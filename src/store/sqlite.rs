@@ -187,13 +187,15 @@ fn append_in(
     room: &str,
     batch: &[NewMessage],
 ) -> StoreResult<Vec<StoredMessage>> {
+    // Numbers are taken first: a missing room fails here, before any write.
     let last: Option<i64> = conn
-        .query_row(
+        .prepare_cached(
             "UPDATE rooms SET last_seq = last_seq + ?2 WHERE name = ?1 RETURNING last_seq",
-            params![room, batch.len() as i64],
-            |r| r.get(0),
         )
-        .optional()
+        .and_then(|mut st| {
+            st.query_row(params![room, batch.len() as i64], |r| r.get(0))
+                .optional()
+        })
         .map_err(unavailable)?;
     let Some(last) = last else {
         return Err(StoreError::NoSuchRoom);
@@ -353,7 +355,7 @@ impl Store for SqliteStore {
 
     fn append_many(&self, batches: &[RoomBatch]) -> Vec<StoreResult<Vec<StoredMessage>>> {
         let all = self.write(|c| {
-            let mut tx = c
+            let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
             let mut results = Vec::with_capacity(batches.len());
@@ -362,18 +364,14 @@ impl Store for SqliteStore {
                     results.push(Ok(Vec::new()));
                     continue;
                 }
-                // A savepoint per room: a room that fails (deleted meanwhile,
-                // say) leaves nothing behind and does not sink the others.
-                let sp = tx.savepoint().map_err(unavailable)?;
-                match append_in(&sp, &b.room, &b.messages) {
-                    Ok(stored) => {
-                        sp.commit().map_err(unavailable)?;
-                        results.push(Ok(stored));
-                    }
-                    Err(e) => {
-                        drop(sp); // rolls this room back
-                        results.push(Err(e));
-                    }
+                match append_in(&tx, &b.room, &b.messages) {
+                    Ok(stored) => results.push(Ok(stored)),
+                    // Found out before anything of this room was written:
+                    // it fails alone and the others go on.
+                    Err(StoreError::NoSuchRoom) => results.push(Err(StoreError::NoSuchRoom)),
+                    // Anything else may have left part of this room's batch
+                    // in the transaction: dropping it rolls all back.
+                    Err(e) => return Err(e),
                 }
             }
             tx.commit().map_err(unavailable)?;
