@@ -1986,35 +1986,14 @@ async fn rtt_client(
         c.send_text(&format!("{{\"content\":\"{marker}{t}\"}}"))
             .await
             .map_err(|e| format!("round-trip client: {e}"))?;
-        let wait = async {
-            loop {
-                while let Some(f) = c.next_frame()? {
-                    if f.opcode == OP_TEXT
-                        && field_str(f.payload, CONTENT)
-                            .is_some_and(|x| x.starts_with(marker.as_bytes()))
-                    {
-                        return Ok::<bool, std::io::Error>(true);
-                    }
-                    if f.opcode == OP_CLOSE {
-                        return Ok(false);
-                    }
-                }
-                if c.fill().await? == 0 {
-                    return Ok(false);
-                }
-            }
+        let echoed = |op: u8, payload: &[u8]| {
+            op == OP_TEXT
+                && field_str(payload, CONTENT).is_some_and(|x| x.starts_with(marker.as_bytes()))
         };
-        match tokio::time::timeout(Duration::from_secs(2), wait).await {
-            Ok(Ok(true)) => {
-                let us = (mono_ns() - t) / 1000;
-                if p == 0 {
-                    h.quiet.record(us)
-                } else {
-                    h.storm.record(us)
-                }
-            }
-            Ok(Ok(false)) | Ok(Err(_)) => return Err("round-trip client: connection closed".into()),
-            Err(_) => h.lost += 1,
+        match await_reply(&mut c, t, echoed).await? {
+            Some(us) if p == 0 => h.quiet.record(us),
+            Some(us) => h.storm.record(us),
+            None => h.lost += 1,
         }
         // A ping: the event loop answers it without the store, so this is
         // the loop's own responsiveness.
@@ -2022,37 +2001,45 @@ async fn rtt_client(
         c.send(OP_PING, marker.as_bytes())
             .await
             .map_err(|e| format!("round-trip client: {e}"))?;
-        let wait = async {
-            loop {
-                while let Some(f) = c.next_frame()? {
-                    if f.opcode == OP_PONG && f.payload == marker.as_bytes() {
-                        return Ok::<bool, std::io::Error>(true);
-                    }
-                    if f.opcode == OP_CLOSE {
-                        return Ok(false);
-                    }
-                }
-                if c.fill().await? == 0 {
-                    return Ok(false);
-                }
-            }
-        };
-        match tokio::time::timeout(Duration::from_secs(2), wait).await {
-            Ok(Ok(true)) => {
-                let us = (mono_ns() - t) / 1000;
-                if p == 0 {
-                    h.ping_quiet.record(us)
-                } else {
-                    h.ping_storm.record(us)
-                }
-            }
-            Ok(Ok(false)) | Ok(Err(_)) => return Err("round-trip client: connection closed".into()),
-            Err(_) => h.lost += 1,
+        let pong = |op: u8, payload: &[u8]| op == OP_PONG && payload == marker.as_bytes();
+        match await_reply(&mut c, t, pong).await? {
+            Some(us) if p == 0 => h.ping_quiet.record(us),
+            Some(us) => h.ping_storm.record(us),
+            None => h.lost += 1,
         }
         tokio::time::sleep(Duration::from_millis(interval)).await;
     }
     let _ = c.close(1000).await;
     Ok(h)
+}
+
+/// Wait up to 2 s for the frame `is_reply` picks out; its round trip in
+/// microseconds since `sent_ns`, or `None` when none came in time.
+async fn await_reply(
+    c: &mut WsConn,
+    sent_ns: u64,
+    is_reply: impl Fn(u8, &[u8]) -> bool,
+) -> Result<Option<u64>, String> {
+    let wait = async {
+        loop {
+            while let Some(f) = c.next_frame()? {
+                if is_reply(f.opcode, f.payload) {
+                    return Ok::<bool, std::io::Error>(true);
+                }
+                if f.opcode == OP_CLOSE {
+                    return Ok(false);
+                }
+            }
+            if c.fill().await? == 0 {
+                return Ok(false);
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(2), wait).await {
+        Ok(Ok(true)) => Ok(Some((mono_ns() - sent_ns) / 1000)),
+        Ok(Ok(false)) | Ok(Err(_)) => Err("round-trip client: connection closed".into()),
+        Err(_) => Ok(None),
+    }
 }
 
 /// Round trips measured by the login scenario's WebSocket client: its own

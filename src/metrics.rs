@@ -122,12 +122,19 @@ impl TimedStore {
     fn timed<T>(&self, call: impl FnOnce(&dyn Store) -> StoreResult<T>) -> StoreResult<T> {
         let start = std::time::Instant::now();
         let out = call(self.inner.as_ref());
+        self.record(start, u64::from(out.is_err()));
+        out
+    }
+
+    /// One store call that started at `start` and had `failed` failures.
+    fn record(&self, start: std::time::Instant, failed: u64) {
         let took: Duration = start.elapsed();
         self.shared.store_latency.observe(took.as_secs_f64());
-        if out.is_err() {
-            self.shared.store_errors.fetch_add(1, Ordering::Relaxed);
+        if failed > 0 {
+            self.shared
+                .store_errors
+                .fetch_add(failed, Ordering::Relaxed);
         }
-        out
     }
 }
 
@@ -165,13 +172,7 @@ impl Store for TimedStore {
         self.shared.batch_size.observe(messages as f64);
         let start = std::time::Instant::now();
         let out = self.inner.append_many(batches);
-        self.shared
-            .store_latency
-            .observe(start.elapsed().as_secs_f64());
-        let failed = out.iter().filter(|r| r.is_err()).count();
-        self.shared
-            .store_errors
-            .fetch_add(failed as u64, Ordering::Relaxed);
+        self.record(start, out.iter().filter(|r| r.is_err()).count() as u64);
         out
     }
     fn messages_before(

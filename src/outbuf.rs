@@ -72,37 +72,31 @@ impl OutBuf {
     /// Write as much as the socket takes. Returns `Ok(true)` once everything
     /// is written, `Ok(false)` when the socket would block first.
     pub fn write_to<W: Write>(&mut self, sink: &mut W) -> io::Result<bool> {
-        while self.chunks.len() > 1 && self.len <= GATHER_MAX {
-            let written = GATHER.with(|buf| {
-                let mut buf = buf.borrow_mut();
-                buf.clear();
-                for (i, chunk) in self.chunks.iter().enumerate() {
-                    let start = if i == 0 { self.offset } else { 0 };
-                    buf.extend_from_slice(&chunk[start..]);
-                }
-                sink.write(&buf)
-            });
-            match written {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(written) => self.consume(written),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
         while !self.chunks.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let mut n = 0;
-            for (i, chunk) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
-                let start = if i == 0 { self.offset } else { 0 };
-                slices[i] = IoSlice::new(&chunk[start..]);
-                n += 1;
-            }
-            // One segment is a plain write: the kernel skips the iovec copy.
-            let result = if n == 1 {
-                sink.write(&slices[0])
+            let result = if self.chunks.len() > 1 && self.len <= GATHER_MAX {
+                GATHER.with(|buf| {
+                    let mut buf = buf.borrow_mut();
+                    buf.clear();
+                    for (i, chunk) in self.chunks.iter().enumerate() {
+                        let start = if i == 0 { self.offset } else { 0 };
+                        buf.extend_from_slice(&chunk[start..]);
+                    }
+                    sink.write(&buf)
+                })
             } else {
-                sink.write_vectored(&slices[..n])
+                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+                let mut n = 0;
+                for (i, chunk) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
+                    let start = if i == 0 { self.offset } else { 0 };
+                    slices[i] = IoSlice::new(&chunk[start..]);
+                    n += 1;
+                }
+                // One segment is a plain write: the kernel skips the iovec copy.
+                if n == 1 {
+                    sink.write(&slices[0])
+                } else {
+                    sink.write_vectored(&slices[..n])
+                }
             };
             match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),

@@ -31,6 +31,19 @@ pub struct NewMessage {
     pub timestamp: Millis,
 }
 
+impl NewMessage {
+    /// This message as stored in `room` under `seq`.
+    pub fn stored(&self, room: &str, seq: i64) -> StoredMessage {
+        StoredMessage {
+            room_id: room.to_owned(),
+            username: self.username.clone(),
+            content: self.content.clone(),
+            timestamp: self.timestamp,
+            seq,
+        }
+    }
+}
+
 /// A message as stored, with its per-room sequence number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
@@ -117,14 +130,12 @@ pub trait Store: Send + Sync {
 
     /// Append the batches of several rooms. Each room's batch succeeds or
     /// fails on its own, exactly as [`Store::append_messages`] would; the
-    /// results come back in the order of `batches`. A backend that can (the
-    /// SQLite one) writes them all in one transaction, so a pass of the
-    /// reactor over many busy rooms costs one durable commit, not one each.
+    /// results come back in the order of `batches`. Both backends write them
+    /// all at once (one transaction on SQLite, one `insert_many` on
+    /// MongoDB), so a pass of the reactor over many busy rooms costs one
+    /// write, not one each; the default writes room by room.
     fn append_many(&self, batches: &[RoomBatch]) -> Vec<StoreResult<Vec<StoredMessage>>> {
-        batches
-            .iter()
-            .map(|b| self.append_messages(&b.room, &b.messages))
-            .collect()
+        append_each(self, batches)
     }
 
     /// The newest `limit` messages with `seq < before` (all when `before` is
@@ -145,4 +156,15 @@ pub trait Store: Send + Sync {
         since: i64,
         limit: usize,
     ) -> StoreResult<Vec<StoredMessage>>;
+}
+
+/// [`Store::append_many`] as one `append_messages` call per room.
+pub fn append_each<S: Store + ?Sized>(
+    store: &S,
+    batches: &[RoomBatch],
+) -> Vec<StoreResult<Vec<StoredMessage>>> {
+    batches
+        .iter()
+        .map(|b| store.append_messages(&b.room, &b.messages))
+        .collect()
 }

@@ -30,8 +30,8 @@ use mongodb::sync::{Client, Collection, Database};
 use mongodb::IndexModel;
 
 use super::{
-    DeleteOutcome, Millis, NewMessage, Room, RoomBatch, Store, StoreError, StoreResult,
-    StoredMessage,
+    append_each, DeleteOutcome, Millis, NewMessage, Room, RoomBatch, Store, StoreError,
+    StoreResult, StoredMessage,
 };
 
 /// MongoDB's duplicate key error.
@@ -112,6 +112,18 @@ fn room_from_doc(d: &Document) -> Room {
         name: str_field(d, "name"),
         creator: str_field(d, "creator"),
         created_at: millis_field(d, "created_at"),
+    }
+}
+
+/// The document of a new message (the original's fields, plus `seq`).
+fn message_doc(id: ObjectId, room: &str, m: &NewMessage, seq: i64) -> Document {
+    doc! {
+        "_id": id,
+        "room_id": room,
+        "username": &m.username,
+        "content": &m.content,
+        "timestamp": DateTime::from_millis(m.timestamp),
+        "seq": seq,
     }
 }
 
@@ -296,6 +308,21 @@ impl MongoStore {
         Ok(top.and_then(|d| int_field(&d, "seq")).unwrap_or(0))
     }
 
+    /// The seq a new message of `room` should get: after the highest this
+    /// process knows, else after the highest stored.
+    fn next_seq(&self, room: &str) -> StoreResult<i64> {
+        let known = self
+            .last_seq
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(room)
+            .copied();
+        Ok(match known {
+            Some(s) => s + 1,
+            None => self.max_seq(room)? + 1,
+        })
+    }
+
     fn remember_seq(&self, room: &str, seq: i64) {
         let mut map = self.last_seq.lock().unwrap_or_else(|p| p.into_inner());
         let e = map.entry(room.to_owned()).or_insert(0);
@@ -445,42 +472,20 @@ impl MongoStore {
                 results.push(Err(e));
                 continue;
             }
-            let known = self
-                .last_seq
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&b.room)
-                .copied();
-            let next = match known {
-                Some(s) => s + 1,
-                None => match self.max_seq(&b.room) {
-                    Ok(s) => s + 1,
-                    Err(e) => {
-                        results.push(Err(e));
-                        continue;
-                    }
-                },
+            let next = match self.next_seq(&b.room) {
+                Ok(n) => n,
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
             };
             let mut stored = Vec::with_capacity(b.messages.len());
             for (i, m) in b.messages.iter().enumerate() {
                 let id = ObjectId::new();
                 let seq = next + i as i64;
                 ids.push(id);
-                docs.push(doc! {
-                    "_id": id,
-                    "room_id": &b.room,
-                    "username": &m.username,
-                    "content": &m.content,
-                    "timestamp": DateTime::from_millis(m.timestamp),
-                    "seq": seq,
-                });
-                stored.push(StoredMessage {
-                    room_id: b.room.clone(),
-                    username: m.username.clone(),
-                    content: m.content.clone(),
-                    timestamp: m.timestamp,
-                    seq,
-                });
+                docs.push(message_doc(id, &b.room, m, seq));
+                stored.push(m.stored(&b.room, seq));
             }
             results.push(Ok(stored));
         }
@@ -678,16 +683,7 @@ impl Store for MongoStore {
             return Err(StoreError::NoSuchRoom);
         }
         self.number_legacy(room)?;
-        let known = self
-            .last_seq
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(room)
-            .copied();
-        let mut next = match known {
-            Some(s) => s + 1,
-            None => self.max_seq(room)? + 1,
-        };
+        let mut next = self.next_seq(room)?;
         let mut stored: Vec<StoredMessage> = Vec::with_capacity(batch.len());
         let mut rest = batch;
         let mut attempts = 0;
@@ -697,16 +693,7 @@ impl Store for MongoStore {
                 .iter()
                 .zip(&ids)
                 .enumerate()
-                .map(|(i, (m, id))| {
-                    doc! {
-                        "_id": *id,
-                        "room_id": room,
-                        "username": &m.username,
-                        "content": &m.content,
-                        "timestamp": DateTime::from_millis(m.timestamp),
-                        "seq": next + i as i64,
-                    }
-                })
+                .map(|(i, (m, id))| message_doc(*id, room, m, next + i as i64))
                 .collect();
             let placed = match self.messages.insert_many(docs).ordered(true).run() {
                 Ok(_) => rest.len(),
@@ -733,13 +720,7 @@ impl Store for MongoStore {
                 Err(e) => return Err(unavailable(e)),
             };
             for (i, m) in rest[..placed].iter().enumerate() {
-                stored.push(StoredMessage {
-                    room_id: room.to_owned(),
-                    username: m.username.clone(),
-                    content: m.content.clone(),
-                    timestamp: m.timestamp,
-                    seq: next + i as i64,
-                });
+                stored.push(m.stored(room, next + i as i64));
             }
             rest = &rest[placed..];
             next = if rest.is_empty() {
@@ -771,17 +752,11 @@ impl Store for MongoStore {
     fn append_many(&self, batches: &[RoomBatch]) -> Vec<StoreResult<Vec<StoredMessage>>> {
         let names: HashSet<&str> = batches.iter().map(|b| b.room.as_str()).collect();
         if batches.len() < 2 || names.len() != batches.len() {
-            return batches
-                .iter()
-                .map(|b| self.append_messages(&b.room, &b.messages))
-                .collect();
+            return append_each(self, batches);
         }
         match self.append_together(batches) {
             Ok(Some(results)) => results,
-            Ok(None) => batches
-                .iter()
-                .map(|b| self.append_messages(&b.room, &b.messages))
-                .collect(),
+            Ok(None) => append_each(self, batches),
             Err(e) => batches.iter().map(|_| Err(e.clone())).collect(),
         }
     }

@@ -213,13 +213,7 @@ fn append_in(
         insert
             .execute(params![room, seq, m.username, m.content, m.timestamp])
             .map_err(unavailable)?;
-        stored.push(StoredMessage {
-            room_id: room.to_owned(),
-            username: m.username.clone(),
-            content: m.content.clone(),
-            timestamp: m.timestamp,
-            seq,
-        });
+        stored.push(m.stored(room, seq));
     }
     Ok(stored)
 }
