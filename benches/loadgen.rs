@@ -25,6 +25,8 @@
 //! Send and receive times are `CLOCK_MONOTONIC`, the same clock in every
 //! process, so a latency can cross processes.
 
+#[path = "common/verdict.rs"]
+mod verdict;
 #[path = "common/ws_client.rs"]
 mod ws_client;
 
@@ -1453,76 +1455,21 @@ fn scenario_many(ctx: &Ctx) -> Result<Outcome, String> {
     Ok(out)
 }
 
-/// Trials at one rate: how many passed, how many failed, and whether one
-/// lost deliveries or connections (never retried: it is a failure outright).
-#[derive(Default)]
-struct Trials {
-    ok: u32,
-    failed: u32,
-    broken: bool,
-}
-
-impl Trials {
-    /// Settled: two trials alike, or a broken one.
-    fn decided(&self) -> bool {
-        self.broken || self.ok >= 2 || self.failed >= 2
-    }
-
-    /// Passing by majority; a tie is not a pass.
-    fn passes(&self) -> bool {
-        !self.broken && self.ok > self.failed
-    }
-}
-
-/// The trials of every rate run so far, by ascending rate.
-fn trials_by_rate(steps: &[StepSummary]) -> Vec<(f64, Trials)> {
-    let mut by: Vec<(f64, Trials)> = Vec::new();
-    for s in steps {
-        let i = match by.iter().position(|(r, _)| *r == s.rate_msgs) {
-            Some(i) => i,
-            None => {
-                by.push((s.rate_msgs, Trials::default()));
-                by.len() - 1
-            }
-        };
-        let t = &mut by[i].1;
-        if s.ok {
-            t.ok += 1;
-        } else {
-            t.failed += 1;
-        }
-        t.broken |= s.received < s.expected || s.sent < s.msgs || s.closed > 0;
-    }
-    by.sort_by(|a, b| a.0.total_cmp(&b.0));
-    by
-}
-
-/// The rate to try again: the highest rate that may pass, while it is not
-/// settled, then the lowest rate above it, while that one is not.
-fn next_trial(steps: &[StepSummary]) -> Option<f64> {
-    let by = trials_by_rate(steps);
-    let top = by
+fn trials(steps: &[StepSummary]) -> Vec<verdict::Trial> {
+    steps
         .iter()
-        .rposition(|(_, t)| !t.broken && t.ok >= t.failed && t.ok > 0);
-    if let Some(i) = top {
-        if !by[i].1.decided() {
-            return Some(by[i].0);
-        }
-    }
-    let above = top.map_or(0, |i| i + 1);
-    by.get(above)
-        .filter(|(_, t)| !t.decided())
-        .map(|(rate, _)| *rate)
+        .map(|s| verdict::Trial {
+            rate: s.rate_msgs,
+            ok: s.ok,
+            broken: s.received < s.expected || s.sent < s.msgs || s.closed > 0,
+        })
+        .collect()
 }
 
 /// The highest rate that passed by majority, reported by its slowest passing
 /// trial.
 fn sustained(steps: &[StepSummary]) -> Option<StepSummary> {
-    let rate = trials_by_rate(steps)
-        .into_iter()
-        .filter(|(_, t)| t.passes())
-        .map(|(rate, _)| rate)
-        .next_back()?;
+    let rate = verdict::sustained_rate(&trials(steps))?;
     steps
         .iter()
         .filter(|s| s.ok && s.rate_msgs == rate)
@@ -1835,7 +1782,7 @@ fn run_ramp(
         if !usable {
             break;
         }
-        let Some(rate) = next_trial(&run.steps) else {
+        let Some(rate) = verdict::next_trial(&trials(&run.steps)) else {
             break;
         };
         let (s, delivered) = run.step(rate)?;
