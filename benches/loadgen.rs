@@ -1461,7 +1461,7 @@ fn trials(steps: &[StepSummary]) -> Vec<verdict::Trial> {
         .map(|s| verdict::Trial {
             rate: s.rate_msgs,
             ok: s.ok,
-            broken: s.received < s.expected || s.sent < s.msgs || s.closed > 0,
+            broken: s.broken(),
         })
         .collect()
 }
@@ -1498,6 +1498,19 @@ struct StepSummary {
     ok: bool,
 }
 
+impl StepSummary {
+    /// Not every message was sent, or deliveries differ from those expected.
+    fn lost_any(&self) -> bool {
+        self.sent != self.msgs || self.received != self.expected
+    }
+
+    /// Lost deliveries or connections: what it leaves queued would spoil the
+    /// next step, so it is a failure outright and never tried again.
+    fn broken(&self) -> bool {
+        self.lost_any() || self.closed > 0
+    }
+}
+
 /// The worker processes of a ramp and the steps run so far.
 struct RampRun<'a> {
     ctx: &'a Ctx,
@@ -1513,9 +1526,8 @@ struct RampRun<'a> {
 }
 
 impl RampRun<'_> {
-    /// Run one step at `rate` messages per second in total; its summary and
-    /// whether every message was sent and delivered.
-    fn step(&mut self, rate: f64) -> Result<(StepSummary, bool), String> {
+    /// Run one step at `rate` messages per second in total; its summary.
+    fn step(&mut self, rate: f64) -> Result<StepSummary, String> {
         let ramp = self.ramp;
         let k = self.steps.len() as u32;
         let total_senders = self.total_senders;
@@ -1600,8 +1612,7 @@ impl RampRun<'_> {
         };
         self.seen_violations = status.order_violations;
         self.seen_errors = status.error_frames;
-        let delivered = received == expected && sent == msgs;
-        s.ok = delivered
+        s.ok = !s.lost_any()
             && s.order_violations == 0
             && s.error_frames == 0
             && s.closed == 0
@@ -1625,7 +1636,13 @@ impl RampRun<'_> {
             );
         }
         self.steps.push(s.clone());
-        Ok((s, delivered))
+        Ok(s)
+    }
+
+    /// After a broken step: whether another can start clean (no connection
+    /// was closed, and the rest of its deliveries arrived).
+    fn recover(&mut self, s: &StepSummary) -> Result<bool, String> {
+        Ok(s.closed == 0 && self.drain()?)
     }
 
     /// Wait (at most 30 s) for the rest of the last step's deliveries;
@@ -1726,9 +1743,9 @@ fn run_ramp(
     let mut usable = true;
     let mut rate = ramp.rate;
     for _ in 0..ramp.steps {
-        let (s, delivered) = run.step(rate)?;
-        if !delivered || s.closed > 0 {
-            usable = s.closed == 0 && run.drain()?;
+        let s = run.step(rate)?;
+        if s.broken() {
+            usable = run.recover(&s)?;
             break;
         }
         if !ramp.all_steps && s.p99_ms > 5.0 * ramp.p99_limit_ms {
@@ -1769,9 +1786,9 @@ fn run_ramp(
                 }
             }
         };
-        let (s, delivered) = run.step(next)?;
-        if !delivered || s.closed > 0 {
-            usable = s.closed == 0 && run.drain()?;
+        let s = run.step(next)?;
+        if s.broken() {
+            usable = run.recover(&s)?;
         }
     }
     // One 4 s step is decided by its few slowest passes, so a single lucky
@@ -1785,9 +1802,9 @@ fn run_ramp(
         let Some(rate) = verdict::next_trial(&trials(&run.steps)) else {
             break;
         };
-        let (s, delivered) = run.step(rate)?;
-        if !delivered || s.closed > 0 {
-            usable = s.closed == 0 && run.drain()?;
+        let s = run.step(rate)?;
+        if s.broken() {
+            usable = run.recover(&s)?;
         }
     }
     let steps = std::mem::take(&mut run.steps);
