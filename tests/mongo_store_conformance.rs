@@ -50,6 +50,15 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
+/// A room alice creates now.
+fn alices_room(name: &str) -> Room {
+    Room {
+        name: name.into(),
+        creator: "alice".into(),
+        created_at: now_ms(),
+    }
+}
+
 fn msg(username: &str, content: &str, timestamp: i64) -> NewMessage {
     NewMessage {
         username: username.into(),
@@ -472,11 +481,7 @@ fn mongo_two_handles_allocate_distinct_seqs() {
     let b = connect(&db);
     a.prepare().expect("prepare a");
     b.prepare().expect("prepare b");
-    let room = Room {
-        name: "Shared".into(),
-        creator: "alice".into(),
-        created_at: now_ms(),
-    };
+    let room = alices_room("Shared");
     a.create_room(&room).expect("create");
     const BATCHES: usize = 15;
     const SIZE: usize = 4;
@@ -533,11 +538,7 @@ fn mongo_large_batch_after_another_process_wrote_is_stored_once() {
     let a = connect(&db);
     let b = connect(&db);
     a.prepare().expect("prepare");
-    let room = Room {
-        name: "Busy".into(),
-        creator: "alice".into(),
-        created_at: now_ms(),
-    };
+    let room = alices_room("Busy");
     a.create_room(&room).expect("create");
     // a learns the room's numbers...
     assert_eq!(
@@ -603,12 +604,7 @@ fn mongo_append_many_after_another_process_wrote_is_stored_once() {
     a.prepare().expect("prepare");
     let names = ["North", "South", "East"];
     for name in names {
-        let room = Room {
-            name: name.into(),
-            creator: "alice".into(),
-            created_at: now_ms(),
-        };
-        a.create_room(&room).expect("create");
+        a.create_room(&alices_room(name)).expect("create");
         // a learns each room's numbers.
         a.append_messages(name, &[msg("a", &format!("{name}-first"), now_ms())])
             .expect("first");
