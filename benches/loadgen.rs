@@ -12,7 +12,7 @@
 //!   RSS per connection above the baseline, and the connect rate.
 //! - `fanout`: S senders and M members in one room; a ramp of send rates,
 //!   every delivery counted, latency from the send time carried in the
-//!   content; the figure is the highest rate with p99 under the limit and
+//!   content (the senders have a client process of their own); the figure is the highest rate with p99 under the limit and
 //!   nothing lost.
 //! - `many`: 1000 rooms of 10 members, everyone chatting; same ramp.
 //! - `login`: L concurrent login loops while one WebSocket client measures
@@ -65,7 +65,8 @@ common flags:
   --label NAME         name of the target in reports (default: the kind)
   --json-out FILE      also write the JSON result there
   --quick              small sizes, for development
-  --procs N            client processes (default 2, more for idle when needed)
+  --procs N            client processes (default 2, more for idle when needed;
+                       fanout adds one for its senders)
   --history-limit N    messages the server sends on join (default 50)
 
 idle:   --conns 19000 --rooms 100 --seed 10 --hold 10
