@@ -12,8 +12,8 @@
 //!   RSS per connection above the baseline, and the connect rate.
 //! - `fanout`: S senders and M members in one room; a ramp of send rates,
 //!   every delivery counted, latency from the send time carried in the
-//!   content (the senders have a client process of their own); the figure is the highest rate with p99 under the limit and
-//!   nothing lost.
+//!   content (the senders have a client process of their own); the figure
+//!   is the highest rate with p99 under the limit and nothing lost.
 //! - `many`: 1000 rooms of 10 members, everyone chatting; same ramp.
 //! - `login`: L concurrent login loops while one WebSocket client measures
 //!   its round trip; logins/s against the bcrypt bound.
@@ -1506,15 +1506,12 @@ struct StepSummary {
 }
 
 impl StepSummary {
-    /// Not every message was sent, or deliveries differ from those expected.
-    fn lost_any(&self) -> bool {
-        self.sent != self.msgs || self.received != self.expected
-    }
-
-    /// Lost deliveries or connections: what it leaves queued would spoil the
-    /// next step, so it is a failure outright and never tried again.
+    /// Lost deliveries or connections (not every message was sent,
+    /// deliveries differ from those expected, or a connection closed): what
+    /// it leaves queued would spoil the next step, so it is a failure
+    /// outright and never tried again.
     fn broken(&self) -> bool {
-        self.lost_any() || self.closed > 0
+        self.sent != self.msgs || self.received != self.expected || self.closed > 0
     }
 }
 
@@ -1619,10 +1616,9 @@ impl RampRun<'_> {
         };
         self.seen_violations = status.order_violations;
         self.seen_errors = status.error_frames;
-        s.ok = !s.lost_any()
+        s.ok = !s.broken()
             && s.order_violations == 0
             && s.error_frames == 0
-            && s.closed == 0
             && s.p99_ms < ramp.p99_limit_ms;
         eprintln!(
             "  step {k}: {rate:.1} msg/s: {received}/{expected} delivered, {:.0} deliveries/s, \
