@@ -13,7 +13,9 @@
 //! Each pass of the loop: handle readiness events, continue connections that
 //! had more input than one turn allows, apply completions, submit one store
 //! batch per room that has waiting messages and none in flight, flush every
-//! connection that got output, and every tick check deadlines.
+//! connection that got output, and every tick check deadlines. A flush over
+//! thousands of sockets stops every couple of milliseconds to handle socket
+//! events and completions, so a message sent meanwhile need not wait for it.
 
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr};
@@ -57,6 +59,10 @@ const LINGER: Duration = Duration::from_secs(5);
 /// While writing to many sockets in one pass, look for finished store work
 /// after this many.
 const FLUSH_CHECK_EVERY: usize = 32;
+/// While writing to many sockets in one pass, handle socket events this often.
+/// Every 32 writes (about 0.25 ms) made batches so small that the extra
+/// per-batch work cost more than it saved; 2 ms is about 256 writes.
+const MID_PASS_POLL: Duration = Duration::from_millis(2);
 /// Jobs waiting per worker lane before the server answers 503.
 const QUEUE_CAPACITY: usize = 4096;
 /// Messages sent instead of the recent history when a client resumes.
@@ -235,6 +241,8 @@ pub struct Reactor {
     shutdown: Option<ShutdownState>,
     more_done: bool,
     tick: Duration,
+    /// Events buffer for taking socket events in the middle of a pass.
+    mid_pass_events: Option<Events>,
 }
 
 impl Reactor {
@@ -312,6 +320,7 @@ impl Reactor {
             shutdown: None,
             more_done: false,
             tick,
+            mid_pass_events: Some(Events::with_capacity(1024)),
         };
         Ok((reactor, waker))
     }
@@ -342,20 +351,7 @@ impl Reactor {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
-            for event in events.iter() {
-                match event.token() {
-                    LISTENER => self.accept(),
-                    WAKER => {}
-                    Token(t) => {
-                        if event.is_writable() {
-                            self.flush(t);
-                        }
-                        if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.on_readable(t);
-                        }
-                    }
-                }
-            }
+            self.handle_events(&events);
             self.run_again();
             self.apply_completions();
             self.submit_batches();
@@ -383,6 +379,34 @@ impl Reactor {
         store_pool.shutdown();
         log::info!("stopped");
         Ok(())
+    }
+
+    fn handle_events(&mut self, events: &Events) {
+        for event in events.iter() {
+            match event.token() {
+                LISTENER => self.accept(),
+                WAKER => {}
+                Token(t) => {
+                    if event.is_writable() {
+                        self.flush(t);
+                    }
+                    if event.is_readable() || event.is_read_closed() || event.is_error() {
+                        self.on_readable(t);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handle the socket events that are ready now, without waiting.
+    fn poll_now(&mut self) {
+        let Some(mut events) = self.mid_pass_events.take() else {
+            return; // already inside a mid-pass poll
+        };
+        if self.poll.poll(&mut events, Some(Duration::ZERO)).is_ok() {
+            self.handle_events(&events);
+        }
+        self.mid_pass_events = Some(events);
     }
 
     // ----- connections -------------------------------------------------
@@ -527,15 +551,27 @@ impl Reactor {
 
     fn flush_all(&mut self) {
         let mut list = std::mem::take(&mut self.flush_list);
+        let mut last_poll = Instant::now();
         for (i, token) in list.drain(..).enumerate() {
             // Writing to every member of a big room takes tens of
-            // milliseconds. A batch the store finished meanwhile is broadcast
-            // now: the members not written yet (still `queued`) take it in
-            // this same write, the others in the next pass. Waiting for the
-            // end of the pass would cost every message a whole extra pass.
-            if i % FLUSH_CHECK_EVERY == FLUSH_CHECK_EVERY - 1 && !self.done.is_empty() {
-                self.apply_completions();
-                self.submit_batches();
+            // milliseconds. Every few milliseconds of it, the loop reads what
+            // clients sent meanwhile (so new messages go to the store now,
+            // not after the pass), and a batch the store finished is
+            // broadcast at once: the members not written yet (still
+            // `queued`) take it in this same write, the others in the next
+            // pass. Waiting for the end of the pass would cost every message
+            // up to two passes instead of one.
+            if i % FLUSH_CHECK_EVERY == FLUSH_CHECK_EVERY - 1 {
+                let now = Instant::now();
+                if now - last_poll >= MID_PASS_POLL && self.shutdown.is_none() {
+                    last_poll = now;
+                    self.poll_now();
+                    self.apply_completions();
+                    self.submit_batches();
+                } else if !self.done.is_empty() {
+                    self.apply_completions();
+                    self.submit_batches();
+                }
             }
             if let Some(c) = self.conns.get_mut(token) {
                 c.queued = false;
