@@ -72,7 +72,7 @@ common flags:
 idle:   --conns 19000 --rooms 100 --seed 10 --hold 10
         --concurrency 96 (handshakes in flight over all processes: keep it under
         the target's accept backlog, or SYNs are dropped and retried a second later)
-fanout: --members 5000 --senders 10 --rate 2 --factor 2 --steps 10 --refine 3
+fanout: --members 5000 --senders 10 --rate 2 --factor 2 --steps 11 --refine 3
         --retrials 6 (extra trials: the top passing rate and the failed one above
         it need two alike) --step-secs 4 --drain-secs 5 --p99-limit-ms 100
         --size 64 --seed 3 --all-steps
@@ -1396,7 +1396,7 @@ fn scenario_fanout(ctx: &Ctx) -> Result<Outcome, String> {
     let senders: u64 = o.num("senders", 10, 5).clamp(1, members);
     let seed: u32 = o.num("seed", 3, 3);
     let procs: usize = o.num("procs", 2, 2).max(1);
-    let ramp = Ramp::from_opts(o, (2.0, 20.0), (10, 3));
+    let ramp = Ramp::from_opts(o, (2.0, 20.0), (11, 3));
     let room = format!("fanout-{}", ctx.tag);
     seed_rooms(ctx.addr, std::slice::from_ref(&room), seed)?;
     let history = ctx.history(seed);
