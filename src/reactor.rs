@@ -564,18 +564,24 @@ impl Reactor {
             if i % FLUSH_CHECK_EVERY == FLUSH_CHECK_EVERY - 1 {
                 let now = Instant::now();
                 if now - last_poll >= MID_PASS_POLL && self.shutdown.is_none() {
-                    last_poll = now;
                     self.poll_now();
                     self.apply_completions();
                     self.submit_batches();
+                    // Counted from the end of that work, which can itself
+                    // take milliseconds (a broadcast to thousands).
+                    last_poll = Instant::now();
                 } else if !self.done.is_empty() {
                     self.apply_completions();
                     self.submit_batches();
                 }
             }
+            // A connection dropped during the pass may have left its key to
+            // one accepted since: flush it here only if it is queued, once.
             if let Some(c) = self.conns.get_mut(token) {
-                c.queued = false;
-                self.flush(token);
+                if c.queued {
+                    c.queued = false;
+                    self.flush(token);
+                }
             }
         }
         // What was scheduled during the pass waits for the next one.
