@@ -16,10 +16,15 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use chatconnect::store::mongo::MongoStore;
-use chatconnect::store::{NewMessage, Room, RoomBatch, Store, StoreError, StoredMessage};
+use chatconnect::store::{
+    NewMessage, Room, RoomBatch, Store, StoreError, StoreResult, StoredMessage,
+};
 use mongodb::bson::{doc, Bson, DateTime, Document};
 
-use mongo::{assert_required_indexes, find_all, index_keys, key_fields, TestDb};
+use mongo::{
+    assert_required_indexes, command_bytes, find_all, index_keys, key_fields, FerretInstance,
+    ReplyCutter, Step, TestDb,
+};
 
 /// Server selection and connect timeout of the stores made here.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -667,4 +672,106 @@ fn mongo_append_many_after_another_process_wrote_is_stored_once() {
     ]);
     assert_eq!(seqs(again[0].as_ref().expect("north")), vec![5]);
     assert_eq!(seqs(again[1].as_ref().expect("south")), vec![7]);
+}
+
+// ---------------------------------------------------------------------------
+// A write whose reply is lost
+
+/// A store that talks to a FerretDB of its own through a [`ReplyCutter`],
+/// with rooms "r" and "s" holding one message each (seq 1).
+fn store_behind_cutter(tag: &str) -> (tempfile::TempDir, FerretInstance, ReplyCutter, MongoStore) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ferret = FerretInstance::start(dir.path(), mongo::free_port());
+    let cutter = ReplyCutter::start(([127, 0, 0, 1], ferret.port()).into());
+    let store = connect_store(&cutter.uri(), &mongo::unique_db(tag));
+    store.prepare().expect("prepare");
+    for name in ["r", "s"] {
+        store.create_room(&alices_room(name)).expect("create room");
+        let first = store
+            .append_messages(name, &[msg("alice", "before", now_ms())])
+            .expect("first message");
+        assert_eq!(seqs(&first), vec![1]);
+    }
+    (dir, ferret, cutter, store)
+}
+
+/// The write failed, and `room` holds only its one earlier message; the
+/// next message gets seq 2.
+fn assert_nothing_kept(store: &MongoStore, room: &str, outcome: &StoreResult<Vec<StoredMessage>>) {
+    assert!(
+        matches!(outcome, Err(StoreError::Unavailable(_))),
+        "{room}: the reply was lost, so the write must fail: {outcome:?}"
+    );
+    let all = store.messages_after(room, 0, 100).expect("read back");
+    assert_eq!(
+        contents(&all),
+        vec!["before"],
+        "{room}: a write reported as failed left messages behind"
+    );
+    let next = store
+        .append_messages(room, &[msg("alice", "after", now_ms())])
+        .expect("append after the failure");
+    assert_eq!(
+        seqs(&next),
+        vec![2],
+        "{room}: numbering goes on with no gap"
+    );
+}
+
+#[test]
+fn mongo_insert_whose_reply_is_lost_is_not_kept() {
+    let (_dir, _ferret, cutter, store) = store_behind_cutter("cut1");
+    cutter.arm(vec![Step::Cut(command_bytes("insert", "messages"))]);
+    let batch: Vec<NewMessage> = ["m1", "m2", "m3"]
+        .iter()
+        .map(|c| msg("bob", c, now_ms()))
+        .collect();
+    let outcome = store.append_messages("r", &batch);
+    assert_eq!(cutter.cuts(), 1, "the relay cut the insert's reply");
+    assert_nothing_kept(&store, "r", &outcome);
+}
+
+#[test]
+fn mongo_room_check_after_an_insert_lost_is_not_kept() {
+    let (_dir, _ferret, cutter, store) = store_behind_cutter("cut2");
+    // The driver retries a read once: lose both replies.
+    let find = command_bytes("find", "rooms");
+    cutter.arm(vec![
+        Step::Pass(command_bytes("insert", "messages")),
+        Step::Cut(find.clone()),
+        Step::Cut(find),
+    ]);
+    let batch = [msg("bob", "m1", now_ms()), msg("bob", "m2", now_ms())];
+    let outcome = store.append_messages("r", &batch);
+    assert_eq!(cutter.cuts(), 2, "the relay cut the room check's replies");
+    assert_nothing_kept(&store, "r", &outcome);
+}
+
+#[test]
+fn mongo_multi_room_insert_whose_reply_is_lost_is_not_kept() {
+    let insert = || command_bytes("insert", "messages");
+    let find = || command_bytes("find", "rooms");
+    for (tag, plan, cuts) in [
+        ("cut3", vec![Step::Cut(insert())], 1),
+        (
+            "cut4",
+            vec![Step::Pass(insert()), Step::Cut(find()), Step::Cut(find())],
+            2,
+        ),
+    ] {
+        let (_dir, _ferret, cutter, store) = store_behind_cutter(tag);
+        cutter.arm(plan);
+        let batches: Vec<RoomBatch> = ["r", "s"]
+            .iter()
+            .map(|room| RoomBatch {
+                room: (*room).into(),
+                messages: vec![msg("bob", &format!("{room}-1"), now_ms())],
+            })
+            .collect();
+        let outcomes = store.append_many(&batches);
+        assert_eq!(cutter.cuts(), cuts, "{tag}: the relay cut the replies");
+        for (room, outcome) in ["r", "s"].iter().zip(&outcomes) {
+            assert_nothing_kept(&store, room, outcome);
+        }
+    }
 }

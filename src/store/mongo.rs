@@ -494,23 +494,34 @@ impl MongoStore {
         }
         if let Err(e) = self.messages.insert_many(docs).ordered(true).run() {
             // Whatever went in before the failure comes back out, so no room
-            // keeps part of this write.
-            let undo = self
-                .messages
-                .delete_many(doc! { "_id": { "$in": ids } })
-                .run();
-            return match (is_duplicate(&e), undo) {
-                (true, Ok(_)) => Ok(None),
-                (_, Err(undo)) => {
-                    log::error!("a failed multi-room insert could not be taken back: {undo}");
-                    Err(unavailable(e))
-                }
-                (false, Ok(_)) => Err(unavailable(e)),
+            // keeps part of this write; after a clash the caller writes room
+            // by room, but only if nothing of this write is left.
+            let clean = self.take_back(&ids, &names);
+            return if is_duplicate(&e) && clean {
+                Ok(None)
+            } else {
+                Err(unavailable(e))
             };
         }
-        // A room deleted while this was written loses what was written into
-        // it, as in `append_messages`.
-        let still = self.existing_rooms(&names)?;
+        match self.confirm_rooms(batches, &names, &mut results) {
+            Ok(()) => Ok(Some(results)),
+            Err(e) => {
+                let _ = self.take_back(&ids, &names);
+                Err(e)
+            }
+        }
+    }
+
+    /// After a multi-room insert: a room deleted while it was written loses
+    /// what was written into it, as in `append_messages`; the others
+    /// remember their new numbers.
+    fn confirm_rooms(
+        &self,
+        batches: &[RoomBatch],
+        names: &[&str],
+        results: &mut [StoreResult<Vec<StoredMessage>>],
+    ) -> StoreResult<()> {
+        let still = self.existing_rooms(names)?;
         for (b, r) in batches.iter().zip(results.iter_mut()) {
             let Ok(stored) = r else {
                 continue;
@@ -530,7 +541,100 @@ impl MongoStore {
             self.forget_room(&b.room);
             *r = Err(StoreError::NoSuchRoom);
         }
-        Ok(Some(results))
+        Ok(())
+    }
+
+    /// The inserts of `append_messages`, numbering from the room's next seq
+    /// and renumbering after a clash. Every document id sent to the server
+    /// goes into `sent` first, so that a failure can take them all back.
+    fn insert_numbered(
+        &self,
+        room: &str,
+        batch: &[NewMessage],
+        sent: &mut Vec<ObjectId>,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        let mut next = self.next_seq(room)?;
+        let mut stored: Vec<StoredMessage> = Vec::with_capacity(batch.len());
+        let mut rest = batch;
+        let mut attempts = 0;
+        while !rest.is_empty() {
+            let ids: Vec<ObjectId> = rest.iter().map(|_| ObjectId::new()).collect();
+            sent.extend_from_slice(&ids);
+            let docs: Vec<Document> = rest
+                .iter()
+                .zip(&ids)
+                .enumerate()
+                .map(|(i, (m, id))| message_doc(*id, room, m, next + i as i64))
+                .collect();
+            let placed = match self.messages.insert_many(docs).ordered(true).run() {
+                Ok(_) => rest.len(),
+                Err(e) if is_duplicate(&e) && attempts < MAX_ATTEMPTS => {
+                    attempts += 1;
+                    // Ordered: everything before the clash went in. Some
+                    // servers (FerretDB inserts in chunks of 100) carry on
+                    // after it, so remove whatever of the rest got in too
+                    // before retrying it under new numbers.
+                    let placed = match e.kind.as_ref() {
+                        ErrorKind::InsertMany(im) => im
+                            .write_errors
+                            .as_ref()
+                            .and_then(|v| v.first())
+                            .map_or(0, |w| w.index),
+                        _ => 0,
+                    };
+                    self.messages
+                        .delete_many(doc! { "_id": { "$in": ids[placed..].to_vec() } })
+                        .run()
+                        .map_err(unavailable)?;
+                    placed
+                }
+                Err(e) => return Err(unavailable(e)),
+            };
+            for (i, m) in rest[..placed].iter().enumerate() {
+                stored.push(m.stored(room, next + i as i64));
+            }
+            rest = &rest[placed..];
+            next = if rest.is_empty() {
+                next + placed as i64
+            } else {
+                self.max_seq(room)? + 1
+            };
+        }
+        // A delete may have removed the room while the batch was written:
+        // the caller takes the batch back out so nothing outlives its room.
+        if self.room_doc(room)?.is_none() {
+            return Err(StoreError::NoSuchRoom);
+        }
+        self.remember_seq(room, next - 1);
+        Ok(stored)
+    }
+
+    /// Remove the documents of a write that failed after it reached the
+    /// server (its reply lost, or a check after it failed), so that an error
+    /// always means nothing of the write is stored. `rooms` forget their
+    /// cached numbering. If the server cannot be reached for this either,
+    /// the documents stay, the log says so, and the result is false.
+    fn take_back(&self, ids: &[ObjectId], rooms: &[&str]) -> bool {
+        for room in rooms {
+            self.forget_room(room);
+        }
+        if ids.is_empty() {
+            return true;
+        }
+        match self
+            .messages
+            .delete_many(doc! { "_id": { "$in": ids.to_vec() } })
+            .run()
+        {
+            Ok(_) => true,
+            Err(e) => {
+                log::error!(
+                    "a failed write of {} messages could not be taken back: {e}",
+                    ids.len()
+                );
+                false
+            }
+        }
     }
 
     fn query_messages(&self, filter: Document, limit: usize) -> StoreResult<Vec<StoredMessage>> {
@@ -683,65 +787,12 @@ impl Store for MongoStore {
             return Err(StoreError::NoSuchRoom);
         }
         self.number_legacy(room)?;
-        let mut next = self.next_seq(room)?;
-        let mut stored: Vec<StoredMessage> = Vec::with_capacity(batch.len());
-        let mut rest = batch;
-        let mut attempts = 0;
-        while !rest.is_empty() {
-            let ids: Vec<ObjectId> = rest.iter().map(|_| ObjectId::new()).collect();
-            let docs: Vec<Document> = rest
-                .iter()
-                .zip(&ids)
-                .enumerate()
-                .map(|(i, (m, id))| message_doc(*id, room, m, next + i as i64))
-                .collect();
-            let placed = match self.messages.insert_many(docs).ordered(true).run() {
-                Ok(_) => rest.len(),
-                Err(e) if is_duplicate(&e) && attempts < MAX_ATTEMPTS => {
-                    attempts += 1;
-                    // Ordered: everything before the clash went in. Some
-                    // servers (FerretDB inserts in chunks of 100) carry on
-                    // after it, so remove whatever of the rest got in too
-                    // before retrying it under new numbers.
-                    let placed = match e.kind.as_ref() {
-                        ErrorKind::InsertMany(im) => im
-                            .write_errors
-                            .as_ref()
-                            .and_then(|v| v.first())
-                            .map_or(0, |w| w.index),
-                        _ => 0,
-                    };
-                    self.messages
-                        .delete_many(doc! { "_id": { "$in": ids[placed..].to_vec() } })
-                        .run()
-                        .map_err(unavailable)?;
-                    placed
-                }
-                Err(e) => return Err(unavailable(e)),
-            };
-            for (i, m) in rest[..placed].iter().enumerate() {
-                stored.push(m.stored(room, next + i as i64));
-            }
-            rest = &rest[placed..];
-            next = if rest.is_empty() {
-                next + placed as i64
-            } else {
-                self.max_seq(room)? + 1
-            };
+        let mut sent = Vec::with_capacity(batch.len());
+        let outcome = self.insert_numbered(room, batch, &mut sent);
+        if outcome.is_err() {
+            let _ = self.take_back(&sent, &[room]);
         }
-        self.remember_seq(room, next - 1);
-        // A delete may have removed the room while the batch was written:
-        // take the batch back out so nothing outlives its room.
-        if self.room_doc(room)?.is_none() {
-            let seqs: Vec<i64> = stored.iter().map(|m| m.seq).collect();
-            self.messages
-                .delete_many(doc! { "room_id": room, "seq": { "$in": seqs } })
-                .run()
-                .map_err(unavailable)?;
-            self.forget_room(room);
-            return Err(StoreError::NoSuchRoom);
-        }
-        Ok(stored)
+        outcome
     }
 
     /// Several rooms in one insert: one query for the rooms, one

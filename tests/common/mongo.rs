@@ -11,6 +11,8 @@
 //! - [`FerretInstance`]: a FerretDB of a test's own that the test stops and
 //!   starts again (same port, same data) for the fault tests. It always is a
 //!   FerretDB, `MONGO_URI` or not: a shared MongoDB cannot be stopped.
+//! - [`ReplyCutter`]: a relay in front of a server that loses the replies to
+//!   chosen commands after the server carried them out.
 //!
 //! The FerretDB binary comes from `scripts/ferretdb.sh build` (cached; the
 //! test script builds it beforehand). When it cannot be built or started the
@@ -23,13 +25,13 @@
 use std::collections::hash_map::RandomState;
 use std::fs::{File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
-use std::io::{Read, Seek, SeekFrom};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
-use std::sync::{mpsc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -737,4 +739,158 @@ impl Drop for TestDb {
             let _ = c.database(&self.name).drop().run();
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// A relay that loses a reply
+
+/// A TCP relay in front of a MongoDB server for the fault tests. It is armed
+/// with a plan: commands to wait for, in order, each to be let through or
+/// cut. A cut command reaches the server, which does the work, but its reply
+/// never comes back: the relay closes that connection instead. Everything
+/// not in the plan passes untouched.
+///
+/// A command is matched by its name and collection as they appear in the
+/// OP_MSG body (`{insert: "messages", ...}` is the BSON string element
+/// `insert` = `"messages"`). The driver does not compress by default, so the
+/// bytes are plain.
+pub struct ReplyCutter {
+    port: u16,
+    plan: Arc<Mutex<Vec<Step>>>,
+    cuts: Arc<AtomicUsize>,
+}
+
+/// One command of a [`ReplyCutter`]'s plan.
+pub enum Step {
+    /// Let the next such command through.
+    Pass(Vec<u8>),
+    /// Let the next such command reach the server and lose its reply.
+    Cut(Vec<u8>),
+}
+
+impl Step {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Step::Pass(b) | Step::Cut(b) => b,
+        }
+    }
+}
+
+/// The bytes of a command `{name: "collection", ...}` in a wire message.
+pub fn command_bytes(name: &str, collection: &str) -> Vec<u8> {
+    let mut b = vec![0x02];
+    b.extend_from_slice(name.as_bytes());
+    b.push(0);
+    b.extend_from_slice(&(collection.len() as i32 + 1).to_le_bytes());
+    b.extend_from_slice(collection.as_bytes());
+    b.push(0);
+    b
+}
+
+impl ReplyCutter {
+    /// Relay 127.0.0.1:(a free port) to `upstream`. The accepting thread
+    /// lives as long as the test process.
+    pub fn start(upstream: SocketAddr) -> ReplyCutter {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let plan: Arc<Mutex<Vec<Step>>> = Arc::default();
+        let cuts = Arc::new(AtomicUsize::new(0));
+        let (p, c) = (plan.clone(), cuts.clone());
+        thread::Builder::new()
+            .name("reply-cutter".into())
+            .spawn(move || {
+                for client in listener.incoming() {
+                    let Ok(client) = client else { continue };
+                    let Ok(server) = TcpStream::connect_timeout(&upstream, Duration::from_secs(5))
+                    else {
+                        continue;
+                    };
+                    relay_pair(client, server, p.clone(), c.clone());
+                }
+            })
+            .expect("start the relay");
+        ReplyCutter { port, plan, cuts }
+    }
+
+    /// A URI for the store: through the relay, to that one server.
+    pub fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
+    }
+
+    /// Wait for these commands, in this order.
+    pub fn arm(&self, plan: Vec<Step>) {
+        *self.plan.lock().unwrap() = plan;
+    }
+
+    /// Replies cut so far.
+    pub fn cuts(&self) -> usize {
+        self.cuts.load(Ordering::SeqCst)
+    }
+}
+
+/// One wire message (its length prefix included), or None at end of stream.
+fn read_wire_message(r: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).ok()?;
+    let n = i32::from_le_bytes(len);
+    if !(16..=64 << 20).contains(&n) {
+        return None;
+    }
+    let mut msg = vec![0u8; n as usize];
+    msg[..4].copy_from_slice(&len);
+    r.read_exact(&mut msg[4..]).ok()?;
+    Some(msg)
+}
+
+fn relay_pair(
+    client: TcpStream,
+    server: TcpStream,
+    plan: Arc<Mutex<Vec<Step>>>,
+    cuts: Arc<AtomicUsize>,
+) {
+    let cut_next = Arc::new(AtomicBool::new(false));
+    let clones = (
+        client.try_clone(),
+        client.try_clone(),
+        server.try_clone(),
+        server.try_clone(),
+    );
+    let (Ok(mut from_client), Ok(mut to_client), Ok(mut from_server), Ok(mut to_server)) = clones
+    else {
+        return;
+    };
+    let cut = cut_next.clone();
+    thread::spawn(move || {
+        while let Some(msg) = read_wire_message(&mut from_client) {
+            {
+                let mut plan = plan.lock().unwrap();
+                let hit = plan.first().is_some_and(|step| {
+                    let want = step.bytes();
+                    msg.windows(want.len()).any(|w| w == want)
+                });
+                if hit && matches!(plan.remove(0), Step::Cut(_)) {
+                    // Set before the command goes out, so its reply cannot
+                    // overtake the flag.
+                    cut.store(true, Ordering::SeqCst);
+                }
+            }
+            if to_server.write_all(&msg).is_err() {
+                break;
+            }
+        }
+        let _ = to_server.shutdown(Shutdown::Both);
+    });
+    thread::spawn(move || {
+        while let Some(msg) = read_wire_message(&mut from_server) {
+            if cut_next.load(Ordering::SeqCst) {
+                cuts.fetch_add(1, Ordering::SeqCst);
+                break;
+            }
+            if to_client.write_all(&msg).is_err() {
+                break;
+            }
+        }
+        let _ = to_client.shutdown(Shutdown::Both);
+        let _ = from_server.shutdown(Shutdown::Both);
+    });
 }
