@@ -46,7 +46,9 @@ impl Request {
     pub fn bearer_token(&self) -> Option<String> {
         if let Some(h) = &self.authorization {
             let h = h.trim();
-            if h.len() > 7 && h[..7].eq_ignore_ascii_case("bearer ") {
+            // Byte-wise: a multi-byte character may straddle byte 7.
+            let (scheme, rest) = h.as_bytes().split_at(h.len().min(7));
+            if !rest.is_empty() && scheme.eq_ignore_ascii_case(b"bearer ") {
                 return Some(h[7..].trim().to_owned());
             }
         }

@@ -289,3 +289,53 @@ fn open_mode_valid_token_wins_over_username() {
         .expect_error_text(403, "Only the room creator can delete this room");
     assert_eq!(s.delete_auth(&q, &ta).status, 200);
 }
+
+#[test]
+fn authorization_with_multibyte_characters_is_answered() {
+    // Values whose byte 7, where a "Bearer " scheme ends, falls inside a
+    // two-byte character (é): not Bearer credentials, so ignored like any
+    // other scheme (open mode serves the request, token mode has no token).
+    // And a Bearer token made of such characters: invalid, so 401.
+    let request = |server: &Server, method: &str, room: &str, value: &str| {
+        let (target, body) = match method {
+            "POST" => (
+                "/rooms".to_string(),
+                format!(r#"{{"name":"{room}","username":"amy"}}"#),
+            ),
+            "GET" => (format!("/ws/{room}?username=amy"), String::new()),
+            _ => (format!("/rooms?name={room}&username=amy"), String::new()),
+        };
+        let req = format!(
+            "{method} {target} HTTP/1.1\r\nHost: x\r\nAuthorization: {value}\r\n\
+             Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        raw_request(server.addr(), req.as_bytes()).status
+    };
+    let open = Server::start_with(&[("TOKEN_SECRET", SECRET)]);
+    let token = token_server();
+    for value in ["Bearer\u{e9}token", "\u{e9}\u{e9}\u{e9}\u{e9}"] {
+        let room = uniq("Straddle");
+        for (method, want) in [("POST", 201), ("GET", 101), ("DELETE", 200)] {
+            let got = request(&open, method, &room, value);
+            assert_eq!(got, want, "open mode, {method} with {value:?}");
+            let got = request(&token, method, &room, value);
+            assert_eq!(got, 401, "token mode, {method} with {value:?}");
+        }
+    }
+    let room = uniq("Straddle");
+    for method in ["POST", "GET", "DELETE"] {
+        for server in [&open, &token] {
+            let got = request(server, method, &room, "Bearer \u{e9}\u{e9}\u{e9}");
+            assert_eq!(
+                got, 401,
+                "{method} with a Bearer token of two-byte characters"
+            );
+        }
+    }
+    open.assert_still_serving();
+    assert_eq!(token.get("/healthz").status, 200);
+    assert!(!token.user_with_token(&uniq("amy")).is_empty());
+}
