@@ -539,12 +539,25 @@ impl Reactor {
         }
     }
 
-    /// Queue `token` for the end-of-pass flush.
+    /// Queue `token` for the end-of-pass flush, after something was queued
+    /// to it. A connection whose socket was full when last written waits for
+    /// its writable event instead; until then nothing queued to it leaves,
+    /// so this is where a WebSocket that stopped reading meets the backlog
+    /// limit, whatever filled it (pongs, error frames, broadcasts).
     fn schedule_flush(&mut self, token: usize) {
-        if let Some(c) = self.conns.get_mut(token) {
-            if !c.queued && !c.want_write {
+        let Some(c) = self.conns.get_mut(token) else {
+            return;
+        };
+        if !c.want_write {
+            if !c.queued {
                 c.queued = true;
                 self.flush_list.push(token);
+            }
+            return;
+        }
+        if let Kind::Ws(w) = &c.kind {
+            if w.ws.get_ref().out.len() > self.cfg.ws_max_backlog + w.allowance {
+                self.close_slow_consumer(token);
             }
         }
     }
@@ -609,13 +622,7 @@ impl Reactor {
                 let unsent = w.ws.get_ref().out.len();
                 let limit = self.cfg.ws_max_backlog + w.allowance;
                 if unsent > limit && !matches!(w.phase, Phase::Closing { .. }) {
-                    self.counters.slow_consumer_closes += 1;
-                    return self.ws_close(
-                        token,
-                        close::POLICY,
-                        "slow consumer: backlog over the limit",
-                        true,
-                    );
+                    return self.close_slow_consumer(token);
                 }
             }
         }
@@ -1023,13 +1030,15 @@ impl Reactor {
         self.schedule_flush(token);
     }
 
-    /// A closing connection: discard input until the peer hangs up.
+    /// A closing connection: discard input until the peer hangs up, a turn's
+    /// worth at a time (a peer that keeps sending gets no more of the loop
+    /// than one that chats).
     fn drain_closing(&mut self, token: usize) {
         let Some(w) = self.ws_mut(token) else {
             return;
         };
         let mut chunk = [0u8; 4096];
-        loop {
+        for _ in 0..TURN_BUDGET {
             match w.ws.get_mut().sock.read(&mut chunk) {
                 Ok(0) => return self.drop_conn(token),
                 Ok(_) => {}
@@ -1038,6 +1047,7 @@ impl Reactor {
                 Err(_) => return self.drop_conn(token),
             }
         }
+        self.again.push(token);
     }
 
     fn send_error(&mut self, token: usize, code: &str, text: &str) {
@@ -1222,16 +1232,24 @@ impl Reactor {
 
     fn close_slow(&mut self, slow: &mut Vec<usize>) {
         for token in slow.drain(..) {
-            if self.ws_mut(token).is_some() {
-                self.counters.slow_consumer_closes += 1;
-                self.ws_close(
-                    token,
-                    close::POLICY,
-                    "slow consumer: backlog over the limit",
-                    true,
-                );
-            }
+            self.close_slow_consumer(token);
         }
+    }
+
+    /// Close with 1008 a WebSocket whose unsent backlog passed the limit,
+    /// dropping what it was not sent yet (once: not if already closing).
+    fn close_slow_consumer(&mut self, token: usize) {
+        match self.ws_mut(token) {
+            Some(w) if !matches!(w.phase, Phase::Closing { .. }) => {}
+            _ => return,
+        }
+        self.counters.slow_consumer_closes += 1;
+        self.ws_close(
+            token,
+            close::POLICY,
+            "slow consumer: backlog over the limit",
+            true,
+        );
     }
 
     /// Close every member of a room and forget the room.

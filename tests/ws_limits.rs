@@ -1,5 +1,5 @@
 //! WebSocket limits and misbehaving peers: binary frames, oversized frames,
-//! invalid UTF-8, protocol violations, a member that never reads, idle
+//! invalid UTF-8, protocol violations, members that never read, idle
 //! connections, and chat latency while logins are hashing. After each, the
 //! server must still serve everyone else.
 
@@ -157,13 +157,9 @@ fn fragmented_text_message_is_reassembled() {
     assert_eq!(m["username"], "pieces");
 }
 
-#[test]
-fn slow_consumer_is_closed_with_1008_and_memory_stays_bounded() {
-    let s = Server::start_with(&[("WS_MAX_BACKLOG", "256KiB"), ("WS_RATE_LIMIT", "0")]);
-    let room = uniq("Flood");
-    let path = format!("/ws/{}?username=", enc(&room));
-
-    // The member that never reads, with a small receive buffer.
+/// A WebSocket on a socket with a small receive buffer, so that what the
+/// server sends it backs up at once when it does not read.
+fn non_reading_member(s: &Server, path: &str) -> RawWs {
     let sock = socket2::Socket::new(
         socket2::Domain::IPV4,
         socket2::Type::STREAM,
@@ -172,8 +168,17 @@ fn slow_consumer_is_closed_with_1008_and_memory_stays_bounded() {
     .expect("socket");
     sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
     sock.connect(&s.addr().into()).expect("connect");
-    let stuck_stream: TcpStream = sock.into();
-    let mut stuck = RawWs::handshake(stuck_stream, s.addr(), &format!("{path}stuck"));
+    RawWs::handshake(sock.into(), s.addr(), path)
+}
+
+#[test]
+fn slow_consumer_is_closed_with_1008_and_memory_stays_bounded() {
+    let s = Server::start_with(&[("WS_MAX_BACKLOG", "256KiB"), ("WS_RATE_LIMIT", "0")]);
+    let room = uniq("Flood");
+    let path = format!("/ws/{}?username=", enc(&room));
+
+    // The member that never reads.
+    let mut stuck = non_reading_member(&s, &format!("{path}stuck"));
 
     // The flooder writes on one thread and reads its echoes on another.
     let mut flood = RawWs::connect(s.addr(), &format!("{path}flooder"));
@@ -254,6 +259,47 @@ fn slow_consumer_is_closed_with_1008_and_memory_stays_bounded() {
         Ok(N),
         "the flooder (a reading member) must get every echo"
     );
+}
+
+#[test]
+fn member_that_sends_but_never_reads_is_closed_with_1008() {
+    // Every frame it sends gets an answer (an error frame for invalid JSON,
+    // a pong for a ping) that it never reads. Those answers must meet the
+    // backlog limit as broadcasts do, instead of growing the server.
+    let s = Server::start_with(&[("WS_MAX_BACKLOG", "256KiB"), ("WS_RATE_LIMIT", "0")]);
+    let closes =
+        || metric_value(&s.metrics(), "chatconnect_slow_consumer_closes_total").expect("metric");
+    for (what, opcode, payload) in [
+        ("invalid JSON", OP_TEXT, b"x".to_vec()),
+        ("pings", OP_PING, vec![b'p'; 125]),
+    ] {
+        let before = closes();
+        let rss_before = s.rss_kib();
+        let path = format!("/ws/{}?username=deaf", enc(&uniq("Deaf")));
+        let mut deaf = non_reading_member(&s, &path);
+        let burst: Vec<u8> = encode_client_frame(opcode, &payload).repeat(1000);
+        // Up to 200,000 frames: their answers fill 256 KiB dozens of times.
+        let mut sent = 0;
+        while sent < 200 && closes() == before {
+            if deaf.stream.write_all(&burst).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        assert_eq!(
+            closes(),
+            before + 1.0,
+            "{what}: no slow-consumer close after {sent}000 frames while not reading"
+        );
+        let grown = s.rss_kib().saturating_sub(rss_before);
+        assert!(
+            grown < 64 * 1024,
+            "{what}: server RSS grew by {} MiB",
+            grown / 1024
+        );
+        expect_close(deaf.read_until_close(Duration::from_secs(30)), 1008, what);
+    }
+    s.assert_still_serving();
 }
 
 #[test]
