@@ -884,9 +884,24 @@ impl Reactor {
             created_at: ws::now_millis(),
         };
         let job: Job<Outcome> = Box::new(move |store: &dyn Store| {
-            let result = store.ensure_room(&room).and_then(|_| match since {
-                Some(s) => store.messages_after(&room.name, s, RESUME_LIMIT),
-                None => store.messages_before(&room.name, None, history_limit),
+            let mut since = since;
+            let result = store.ensure_room(&room).and_then(|_| {
+                if let Some(s) = since {
+                    let after = store.messages_after(&room.name, s, RESUME_LIMIT)?;
+                    if !after.is_empty() {
+                        return Ok(after);
+                    }
+                    // Nothing after `since`: the client is up to date, or
+                    // `since` lies past the room's last message (it saw an
+                    // earlier room of this name, deleted since). That client
+                    // gets what a new member gets.
+                    let newest = store.messages_before(&room.name, None, 1)?;
+                    if newest.last().map_or(0, |m| m.seq) >= s {
+                        return Ok(after);
+                    }
+                    since = None;
+                }
+                store.messages_before(&room.name, None, history_limit)
             });
             Outcome::Joined {
                 conn,

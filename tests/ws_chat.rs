@@ -243,10 +243,34 @@ fn since_resumes_after_a_seq() {
     // since at the newest: nothing, then live.
     let mut c = s.ws_path(&path("61"));
     c.expect_quiet(QUIET);
-    // since beyond the newest: nothing either.
+    // since beyond the newest is not a position in this room: the newest
+    // 50, as for a new member, then live.
     let mut c2 = s.ws_path(&path("500"));
-    c2.expect_quiet(QUIET);
+    assert_eq!(seqs(&c2.drain_quiet(QUIET)), (12..=61).collect::<Vec<_>>());
     c.round_trip("live again", WAIT);
+    let m = c2.expect_json(WAIT);
+    assert_eq!(
+        (m["seq"].as_i64(), m["content"].as_str()),
+        (Some(62), Some("live again"))
+    );
+}
+
+#[test]
+fn since_from_a_deleted_room_gets_the_new_rooms_messages() {
+    // A client saw seq 30 in a room that was then deleted and created
+    // again; it reconnects with since=30.
+    let s = Server::start_with(&[("WS_RATE_LIMIT", "0")]);
+    let room = uniq("Reborn");
+    post_messages(&s, &room, "owner", "old", 30);
+    let r = s.delete(&format!("/rooms?name={}&username=owner", enc(&room)));
+    assert_eq!(r.status, 200, "{r:?}");
+    post_messages(&s, &room, "owner", "new", 3);
+    let mut c = s.ws_path(&format!("/ws/{}?username=back&since=30", enc(&room)));
+    let got = c.drain_quiet(QUIET);
+    assert_eq!(seqs(&got), vec![1, 2, 3], "{got:?}");
+    assert_eq!(got[0]["content"], "new-0");
+    let m = c.round_trip("back again", WAIT);
+    assert_eq!(m["seq"], 4);
 }
 
 #[test]
