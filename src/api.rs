@@ -94,6 +94,17 @@ impl Reactor {
     fn route_inner(&mut self, conn: ConnRef, req: &Request) -> Answer {
         let method = req.method.as_str();
         let path = req.path.as_str();
+        // A parameter that does not decode would otherwise read as absent.
+        if req
+            .query
+            .split('&')
+            .any(|pair| percent_decode(pair, true).is_none())
+        {
+            return Err(Response::error(
+                400,
+                "Query string is not valid percent-encoded UTF-8",
+            ));
+        }
         let allowed = |allow: &'static str| match check_method(method, allow) {
             Some(resp) => Err(resp),
             None => Ok(()),
@@ -403,6 +414,9 @@ impl Reactor {
                 426,
                 "This endpoint needs a WebSocket upgrade (Upgrade: websocket)",
             ));
+        }
+        if req.method != "GET" {
+            return Err(Response::error(400, "A WebSocket upgrade must be a GET"));
         }
         if req.ws_version.as_deref() != Some("13") {
             return Err(Response::error(

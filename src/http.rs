@@ -72,6 +72,19 @@ pub enum Parsed {
 }
 
 /// Parse the request at the front of `buf`.
+/// The request headers `parse` reads.
+const READ_HEADERS: [&str; 9] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "authorization",
+    "origin",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "expect",
+];
+
 pub fn parse(buf: &[u8], limits: Limits) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
@@ -122,7 +135,12 @@ pub fn parse(buf: &[u8], limits: Limits) -> Parsed {
     let mut expect_continue = false;
     for h in req.headers.iter() {
         let Ok(value) = std::str::from_utf8(h.value) else {
-            // Non-UTF-8 values are legal but none the server reads may be.
+            // Non-UTF-8 values are legal in general, but ignoring one of the
+            // headers read here would misread the request: its body length
+            // (and so where the next request starts), its credentials.
+            if READ_HEADERS.iter().any(|n| h.name.eq_ignore_ascii_case(n)) {
+                return Parsed::Invalid(400, "Malformed header value");
+            }
             continue;
         };
         let value = value.trim();

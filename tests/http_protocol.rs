@@ -5,10 +5,16 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
+
+/// The headers of a valid WebSocket upgrade.
+const WS_UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
+    Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
 
 fn get_req(path: &str, extra: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n")
@@ -144,9 +150,41 @@ fn malformed_requests_get_400_and_close() {
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", // a TLS hello
         b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
         b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+        // Headers the server reads, with values that are not UTF-8: ignoring
+        // them would take the body for a second request.
+        b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: \xff\xff40\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\xff\r\n\r\n0\r\n\r\n",
+        b"GET /rooms HTTP/1.1\r\nHost: x\r\nConnection: close\xff\r\n\r\n",
+        b"DELETE /rooms?name=a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\r\n\r\n",
     ];
     for bytes in cases {
         assert_400_and_closed(&s, bytes);
+    }
+    // A header the server does not read may carry any octets.
+    let r = raw_request(
+        s.addr(),
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Note: caf\xe9\r\n\r\n",
+    );
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    s.assert_still_serving();
+}
+
+#[test]
+fn query_that_does_not_decode_is_400() {
+    let s = Server::start();
+    for target in [
+        "/rooms?x=%zz",
+        "/rooms/General/messages?limit=%ff",
+        "/ws/General?username=x&since=%ff",
+        "/healthz?%",
+    ] {
+        let r = raw_request(s.addr(), get_req(target, WS_UPGRADE).as_bytes());
+        assert_eq!(r.status, 400, "{target}: {}", r.body_text());
+        assert!(
+            r.body_text().contains("percent-encoded"),
+            "{target}: {}",
+            r.body_text()
+        );
     }
     s.assert_still_serving();
 }
@@ -398,6 +436,15 @@ fn bad_websocket_handshakes_are_refused_cleanly() {
             r.body_text()
         );
     }
+    // An upgrade must be a GET (RFC 6455), not a HEAD. (The answer to a
+    // HEAD has no body: read its status line only.)
+    let mut c = TcpStream::connect(s.addr()).expect("connect");
+    c.set_read_timeout(Some(WAIT)).expect("timeout");
+    let head = get_req("/ws/Room1?username=x", WS_UPGRADE).replacen("GET", "HEAD", 1);
+    c.write_all(head.as_bytes()).expect("send");
+    let mut status_line = [0u8; 12];
+    c.read_exact(&mut status_line).expect("status line");
+    assert_eq!(&status_line, b"HTTP/1.1 400", "HEAD with upgrade headers");
     // POST to a WebSocket path is a wrong method.
     let r = s.post_raw("/ws/Room1", "{}");
     assert!(
