@@ -75,6 +75,11 @@ fn error_code(e: &MongoError) -> Option<i32> {
     }
 }
 
+/// The driver gave up before sending anything (no server to send to).
+fn never_sent(e: &MongoError) -> bool {
+    matches!(*e.kind, ErrorKind::ServerSelection { .. })
+}
+
 fn is_duplicate(e: &MongoError) -> bool {
     error_code(e) == Some(DUPLICATE_KEY)
 }
@@ -492,21 +497,33 @@ impl MongoStore {
         if docs.is_empty() {
             return Ok(Some(results));
         }
+        // Numbers of a failed write are not given out again (`take_back`).
+        let retire_numbers = |results: &[StoreResult<Vec<StoredMessage>>]| {
+            for (b, r) in batches.iter().zip(results) {
+                if let Some(last) = r.as_ref().ok().and_then(|s| s.last()) {
+                    self.remember_seq(&b.room, last.seq);
+                }
+            }
+        };
         if let Err(e) = self.messages.insert_many(docs).ordered(true).run() {
             // Whatever went in before the failure comes back out, so no room
             // keeps part of this write; after a clash the caller writes room
             // by room, but only if nothing of this write is left.
-            let clean = self.take_back(&ids, &names);
-            return if is_duplicate(&e) && clean {
-                Ok(None)
-            } else {
-                Err(unavailable(e))
-            };
+            if never_sent(&e) {
+                return Err(unavailable(e));
+            }
+            let clean = self.take_back(&ids);
+            if is_duplicate(&e) && clean {
+                return Ok(None);
+            }
+            retire_numbers(&results);
+            return Err(unavailable(e));
         }
         match self.confirm_rooms(batches, &names, &mut results) {
             Ok(()) => Ok(Some(results)),
             Err(e) => {
-                let _ = self.take_back(&ids, &names);
+                let _ = self.take_back(&ids);
+                retire_numbers(&results);
                 Err(e)
             }
         }
@@ -546,12 +563,14 @@ impl MongoStore {
 
     /// The inserts of `append_messages`, numbering from the room's next seq
     /// and renumbering after a clash. Every document id sent to the server
-    /// goes into `sent` first, so that a failure can take them all back.
+    /// goes into `sent` first, and `top` rises to the highest number sent,
+    /// so that a failure can take them all back and retire their numbers.
     fn insert_numbered(
         &self,
         room: &str,
         batch: &[NewMessage],
         sent: &mut Vec<ObjectId>,
+        top: &mut i64,
     ) -> StoreResult<Vec<StoredMessage>> {
         let mut next = self.next_seq(room)?;
         let mut stored: Vec<StoredMessage> = Vec::with_capacity(batch.len());
@@ -560,6 +579,7 @@ impl MongoStore {
         while !rest.is_empty() {
             let ids: Vec<ObjectId> = rest.iter().map(|_| ObjectId::new()).collect();
             sent.extend_from_slice(&ids);
+            *top = (*top).max(next + rest.len() as i64 - 1);
             let docs: Vec<Document> = rest
                 .iter()
                 .zip(&ids)
@@ -588,7 +608,12 @@ impl MongoStore {
                         .map_err(unavailable)?;
                     placed
                 }
-                Err(e) => return Err(unavailable(e)),
+                Err(e) => {
+                    if never_sent(&e) {
+                        sent.truncate(sent.len() - ids.len());
+                    }
+                    return Err(unavailable(e));
+                }
             };
             for (i, m) in rest[..placed].iter().enumerate() {
                 stored.push(m.stored(room, next + i as i64));
@@ -611,13 +636,17 @@ impl MongoStore {
 
     /// Remove the documents of a write that failed after it reached the
     /// server (its reply lost, or a check after it failed), so that an error
-    /// always means nothing of the write is stored. `rooms` forget their
-    /// cached numbering. If the server cannot be reached for this either,
-    /// the documents stay, the log says so, and the result is false.
-    fn take_back(&self, ids: &[ObjectId], rooms: &[&str]) -> bool {
-        for room in rooms {
-            self.forget_room(room);
-        }
+    /// means nothing of the write is stored. Best effort: if the server
+    /// cannot be reached for this either, the documents stay, the log says
+    /// so, and the result is false.
+    ///
+    /// The callers retire the numbers of a write that failed: a reader (a
+    /// join's history, another process) may have seen the documents
+    /// meanwhile, and a member whose history held them would skip a later
+    /// message that took one of their numbers over. After a clash the
+    /// numbers are reused: the write is redone and broadcast, and a joining
+    /// member's history yields to the broadcast batch.
+    fn take_back(&self, ids: &[ObjectId]) -> bool {
         if ids.is_empty() {
             return true;
         }
@@ -788,9 +817,19 @@ impl Store for MongoStore {
         }
         self.number_legacy(room)?;
         let mut sent = Vec::with_capacity(batch.len());
-        let outcome = self.insert_numbered(room, batch, &mut sent);
-        if outcome.is_err() {
-            let _ = self.take_back(&sent, &[room]);
+        let mut top = 0;
+        let outcome = self.insert_numbered(room, batch, &mut sent, &mut top);
+        match &outcome {
+            Ok(_) => {}
+            Err(_) if sent.is_empty() => {}
+            Err(StoreError::NoSuchRoom) => {
+                let _ = self.take_back(&sent);
+                self.forget_room(room);
+            }
+            Err(_) => {
+                let _ = self.take_back(&sent);
+                self.remember_seq(room, top);
+            }
         }
         outcome
     }
