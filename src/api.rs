@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use crate::auth::{self, Tokens};
 use crate::config::AuthMode;
-use crate::http::{percent_decode, Request, Response};
+use crate::http::{percent_decode, query_decodes, Request, Response};
 use crate::reactor::{room_json, store_error_response, Action, Outcome, Reactor, Upgrade};
 use crate::rooms::ConnRef;
 use crate::store::{DeleteOutcome, Room, Store, StoreError};
@@ -94,12 +94,7 @@ impl Reactor {
     fn route_inner(&mut self, conn: ConnRef, req: &Request) -> Answer {
         let method = req.method.as_str();
         let path = req.path.as_str();
-        // A parameter that does not decode would otherwise read as absent.
-        if req
-            .query
-            .split('&')
-            .any(|pair| percent_decode(pair, true).is_none())
-        {
+        if !query_decodes(&req.query) {
             return Err(Response::error(
                 400,
                 "Query string is not valid percent-encoded UTF-8",

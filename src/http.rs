@@ -46,9 +46,11 @@ impl Request {
     pub fn bearer_token(&self) -> Option<String> {
         if let Some(h) = &self.authorization {
             let h = h.trim();
-            // Byte-wise: a multi-byte character may straddle byte 7.
-            let (scheme, rest) = h.as_bytes().split_at(h.len().min(7));
-            if !rest.is_empty() && scheme.eq_ignore_ascii_case(b"bearer ") {
+            // `get`: byte 7 may fall inside a multi-byte character.
+            let bearer = h
+                .get(..7)
+                .is_some_and(|s| s.eq_ignore_ascii_case("bearer "));
+            if bearer && h.len() > 7 {
                 return Some(h[7..].trim().to_owned());
             }
         }
@@ -71,20 +73,41 @@ pub enum Parsed {
     Invalid(u16, &'static str),
 }
 
-/// Parse the request at the front of `buf`.
 /// The request headers `parse` reads.
-const READ_HEADERS: [&str; 9] = [
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "upgrade",
-    "authorization",
-    "origin",
-    "sec-websocket-key",
-    "sec-websocket-version",
-    "expect",
-];
+#[derive(Clone, Copy)]
+enum Field {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    Upgrade,
+    Authorization,
+    Origin,
+    WsKey,
+    WsVersion,
+    Expect,
+}
 
+impl Field {
+    fn of(name: &str) -> Option<Field> {
+        const NAMES: [(&str, Field); 9] = [
+            ("content-length", Field::ContentLength),
+            ("transfer-encoding", Field::TransferEncoding),
+            ("connection", Field::Connection),
+            ("upgrade", Field::Upgrade),
+            ("authorization", Field::Authorization),
+            ("origin", Field::Origin),
+            ("sec-websocket-key", Field::WsKey),
+            ("sec-websocket-version", Field::WsVersion),
+            ("expect", Field::Expect),
+        ];
+        NAMES
+            .iter()
+            .find(|(n, _)| name.eq_ignore_ascii_case(n))
+            .map(|&(_, f)| f)
+    }
+}
+
+/// Parse the request at the front of `buf`.
 pub fn parse(buf: &[u8], limits: Limits) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
@@ -129,74 +152,72 @@ pub fn parse(buf: &[u8], limits: Limits) -> Parsed {
     let mut content_length: Option<usize> = None;
     let mut chunked = false;
     let mut conn_close = false;
-    let mut conn_keep_alive = false;
     let mut conn_upgrade = false;
     let mut upgrade_ws = false;
     let mut expect_continue = false;
     for h in req.headers.iter() {
-        let Ok(value) = std::str::from_utf8(h.value) else {
-            // Non-UTF-8 values are legal in general, but ignoring one of the
-            // headers read here would misread the request: its body length
-            // (and so where the next request starts), its credentials.
-            if READ_HEADERS.iter().any(|n| h.name.eq_ignore_ascii_case(n)) {
-                return Parsed::Invalid(400, "Malformed header value");
-            }
+        // Headers not read here may carry any octets.
+        let Some(field) = Field::of(h.name) else {
             continue;
         };
+        // Non-UTF-8 values are legal in general, but ignoring one of these
+        // would misread the request: its body length (and so where the next
+        // request starts), its credentials.
+        let Ok(value) = std::str::from_utf8(h.value) else {
+            return Parsed::Invalid(400, "Malformed header value");
+        };
         let value = value.trim();
-        let name = h.name;
-        if name.eq_ignore_ascii_case("content-length") {
-            let Ok(n) = value.parse::<usize>() else {
-                return Parsed::Invalid(400, "Invalid Content-Length header");
-            };
-            if content_length.is_some_and(|old| old != n) {
-                return Parsed::Invalid(400, "Conflicting Content-Length headers");
+        match field {
+            Field::ContentLength => {
+                let Ok(n) = value.parse::<usize>() else {
+                    return Parsed::Invalid(400, "Invalid Content-Length header");
+                };
+                if content_length.is_some_and(|old| old != n) {
+                    return Parsed::Invalid(400, "Conflicting Content-Length headers");
+                }
+                content_length = Some(n);
             }
-            content_length = Some(n);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            if value
-                .split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("chunked"))
-            {
-                chunked = true;
-            } else if !value.eq_ignore_ascii_case("identity") {
-                return Parsed::Invalid(501, "Unsupported Transfer-Encoding");
-            }
-        } else if name.eq_ignore_ascii_case("connection") {
-            for token in value.split(',') {
-                let t = token.trim();
-                if t.eq_ignore_ascii_case("close") {
-                    conn_close = true;
-                } else if t.eq_ignore_ascii_case("keep-alive") {
-                    conn_keep_alive = true;
-                } else if t.eq_ignore_ascii_case("upgrade") {
-                    conn_upgrade = true;
+            Field::TransferEncoding => {
+                if value
+                    .split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("chunked"))
+                {
+                    chunked = true;
+                } else if !value.eq_ignore_ascii_case("identity") {
+                    return Parsed::Invalid(501, "Unsupported Transfer-Encoding");
                 }
             }
-        } else if name.eq_ignore_ascii_case("upgrade") {
-            upgrade_ws = value
-                .split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("websocket"));
-        } else if name.eq_ignore_ascii_case("authorization") {
-            out.authorization = Some(value.to_owned());
-        } else if name.eq_ignore_ascii_case("origin") {
-            out.origin = Some(value.to_owned());
-        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
-            out.ws_key = Some(value.to_owned());
-        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
-            out.ws_version = Some(value.to_owned());
-        } else if name.eq_ignore_ascii_case("expect") {
-            if value.eq_ignore_ascii_case("100-continue") {
-                expect_continue = true;
-            } else {
-                return Parsed::Invalid(417, "Unsupported Expect header");
+            Field::Connection => {
+                for token in value.split(',') {
+                    let t = token.trim();
+                    if t.eq_ignore_ascii_case("close") {
+                        conn_close = true;
+                    } else if t.eq_ignore_ascii_case("upgrade") {
+                        conn_upgrade = true;
+                    }
+                }
+            }
+            Field::Upgrade => {
+                upgrade_ws = value
+                    .split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("websocket"));
+            }
+            Field::Authorization => out.authorization = Some(value.to_owned()),
+            Field::Origin => out.origin = Some(value.to_owned()),
+            Field::WsKey => out.ws_key = Some(value.to_owned()),
+            Field::WsVersion => out.ws_version = Some(value.to_owned()),
+            Field::Expect => {
+                if value.eq_ignore_ascii_case("100-continue") {
+                    expect_continue = true;
+                } else {
+                    return Parsed::Invalid(417, "Unsupported Expect header");
+                }
             }
         }
     }
     // RFC 9112: HTTP/1.0 closes unless asked; here HTTP/1.0 always closes, as
     // the API promises, which every 1.0 client copes with.
     out.keep_alive = minor == 1 && !conn_close;
-    let _ = conn_keep_alive;
     out.wants_websocket = upgrade_ws && conn_upgrade;
 
     if chunked {
@@ -384,6 +405,14 @@ pub fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+/// Whether every parameter of `query` percent-decodes to UTF-8 (one that
+/// does not would read as absent).
+pub fn query_decodes(query: &str) -> bool {
+    query
+        .split('&')
+        .all(|pair| percent_decode(pair, true).is_some())
 }
 
 /// The first value of `name` in an encoded query string.

@@ -702,18 +702,16 @@ impl Reactor {
         let Some(h) = self.http_mut(token) else {
             return;
         };
+        if h.lingering {
+            // Discard until the peer hangs up.
+            return match discard_input(&mut h.sock) {
+                Discarded::Gone => self.drop_conn(token),
+                Discarded::All => {}
+                Discarded::More => self.again.push(token),
+            };
+        }
         let mut chunk = [0u8; READ_CHUNK];
         loop {
-            if h.lingering {
-                // Discard until the peer hangs up.
-                match h.sock.read(&mut chunk) {
-                    Ok(0) => break self.drop_conn(token),
-                    Ok(_) => continue,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                    Err(_) => break self.drop_conn(token),
-                }
-            }
             if h.read_paused || h.peer_eof {
                 break;
             }
@@ -887,17 +885,14 @@ impl Reactor {
             let mut since = since;
             let result = store.ensure_room(&room).and_then(|_| {
                 if let Some(s) = since {
-                    let after = store.messages_after(&room.name, s, RESUME_LIMIT)?;
-                    if !after.is_empty() {
-                        return Ok(after);
-                    }
-                    // Nothing after `since`: the client is up to date, or
-                    // `since` lies past the room's last message (it saw an
-                    // earlier room of this name, deleted since). That client
-                    // gets what a new member gets.
+                    // A `since` past the room's newest message is no position
+                    // in it (the client saw an earlier room of this name,
+                    // deleted since): that client gets what a new member
+                    // gets. The newest is read first; what is stored after
+                    // that read reaches the member live.
                     let newest = store.messages_before(&room.name, None, 1)?;
                     if newest.last().map_or(0, |m| m.seq) >= s {
-                        return Ok(after);
+                        return store.messages_after(&room.name, s, RESUME_LIMIT);
                     }
                     since = None;
                 }
@@ -1045,24 +1040,16 @@ impl Reactor {
         self.schedule_flush(token);
     }
 
-    /// A closing connection: discard input until the peer hangs up, a turn's
-    /// worth at a time (a peer that keeps sending gets no more of the loop
-    /// than one that chats).
+    /// A closing connection: discard input until the peer hangs up.
     fn drain_closing(&mut self, token: usize) {
         let Some(w) = self.ws_mut(token) else {
             return;
         };
-        let mut chunk = [0u8; 4096];
-        for _ in 0..TURN_BUDGET {
-            match w.ws.get_mut().sock.read(&mut chunk) {
-                Ok(0) => return self.drop_conn(token),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => return self.drop_conn(token),
-            }
+        match discard_input(&mut w.ws.get_mut().sock) {
+            Discarded::Gone => self.drop_conn(token),
+            Discarded::All => {}
+            Discarded::More => self.again.push(token),
         }
-        self.again.push(token);
     }
 
     fn send_error(&mut self, token: usize, code: &str, text: &str) {
@@ -1841,6 +1828,33 @@ impl Reactor {
         );
         out
     }
+}
+
+/// What [`discard_input`] came to.
+enum Discarded {
+    /// The peer hung up (or the socket failed): drop the connection.
+    Gone,
+    /// Everything sent so far is read.
+    All,
+    /// A turn's worth was read and more may wait: come back next turn.
+    More,
+}
+
+/// Read and throw away what a closing peer sends, a turn's worth at a time,
+/// so that one that keeps sending gets no more of the loop than one that
+/// chats.
+fn discard_input(sock: &mut TcpStream) -> Discarded {
+    let mut chunk = [0u8; READ_CHUNK];
+    for _ in 0..TURN_BUDGET {
+        match sock.read(&mut chunk) {
+            Ok(0) => return Discarded::Gone,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Discarded::All,
+            Err(_) => return Discarded::Gone,
+        }
+    }
+    Discarded::More
 }
 
 /// Accept backlog: room for a burst of connects (load tests open thousands
