@@ -1657,7 +1657,9 @@ impl Reactor {
             started: Instant::now(),
             closing_sent: false,
         });
-        // Idle HTTP connections go now; busy ones after their answer.
+        // Idle HTTP connections go now; busy ones after their answer. One
+        // whose request has only partly arrived is answered 503 now rather
+        // than waited for.
         let idle: Vec<usize> = self
             .conns
             .iter()
@@ -1667,10 +1669,17 @@ impl Reactor {
             })
             .collect();
         for token in idle {
-            if let Some(h) = self.http_mut(token) {
+            let Some(h) = self.http_mut(token) else {
+                continue;
+            };
+            if h.inbuf.is_empty() || h.closing || h.lingering {
                 h.closing = true;
+                self.schedule_flush(token);
+            } else {
+                let mut resp = Response::error(503, "Server is shutting down");
+                resp.close = true;
+                self.respond(token, resp, false, false);
             }
-            self.schedule_flush(token);
         }
         self.flush_all();
     }

@@ -162,6 +162,26 @@ fn sigterm_closes_websockets_with_1001_and_exits_0() {
 }
 
 #[test]
+fn sigterm_answers_a_half_sent_request_with_503() {
+    let mut s = Server::start();
+    let mut half = RawHttp::connect(s.addr());
+    half.send(b"GET /heal");
+    // The server has read it (a round trip on another connection later;
+    // one that closes, so that nothing else holds the shutdown up).
+    let sync = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    assert_eq!(raw_request(s.addr(), sync).status, 200);
+    s.sigterm();
+    let r = half
+        .read_response(WAIT)
+        .expect("an answer to the half request");
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    assert_eq!(r.header("connection"), Some("close"));
+    drop(half); // as a client does after `Connection: close`
+    let status = s.wait_exit(Duration::from_secs(5));
+    assert!(status.success(), "exit status {status}\n{}", s.log_text());
+}
+
+#[test]
 fn sigterm_with_a_client_that_never_reads_still_exits_quickly() {
     let mut s = Server::start();
     let room = uniq("Stuck");
