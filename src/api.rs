@@ -13,6 +13,7 @@ use crate::http::{percent_decode, query_decodes, Request, Response};
 use crate::reactor::{room_json, store_error_response, Action, Outcome, Reactor, Upgrade};
 use crate::rooms::ConnRef;
 use crate::store::{DeleteOutcome, Room, Store, StoreError};
+use crate::workers::Job;
 use crate::ws::{self, WireMessage};
 
 /// Largest page of `GET /rooms/{name}/messages`.
@@ -327,7 +328,8 @@ impl Reactor {
         let (Some(name), Some(requester)) = (name, requester) else {
             return Err(Response::error(400, "Room name and username required"));
         };
-        Ok(Action::Store(Box::new(move |store: &dyn Store| {
+        let room = name.clone();
+        let job: Job<Outcome> = Box::new(move |store: &dyn Store| {
             let (resp, deleted) = match store.delete_room(&name, &requester) {
                 Ok(DeleteOutcome::Deleted) => {
                     log::info!("room {name:?} deleted by {requester}");
@@ -346,7 +348,8 @@ impl Reactor {
                 resp,
                 deleted,
             }
-        })))
+        });
+        Ok(Action::Delete { room, job })
     }
 
     fn room_messages(&mut self, conn: ConnRef, req: &Request, encoded: &str) -> Answer {

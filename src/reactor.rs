@@ -201,6 +201,12 @@ pub(crate) enum Action {
     Hash(Job<Outcome>),
     /// Store calls: the store lane.
     Store(Job<Outcome>),
+    /// Deleting `room`: the store lane, with the room's live entry fenced
+    /// until the outcome is back (see `rooms::Room::deleting`).
+    Delete {
+        room: String,
+        job: Job<Outcome>,
+    },
     Upgrade(Upgrade),
 }
 
@@ -812,16 +818,20 @@ impl Reactor {
             return self.respond(token, resp, false, head_only);
         }
         let action = self.route(conn, &req);
-        let (pool, job) = match action {
+        let (pool, job, deleting) = match action {
             Action::Reply(resp) => return self.respond(token, resp, keep_alive, head_only),
             Action::Upgrade(up) => return self.upgrade(token, req, up),
-            Action::Hash(job) => (&self.hash_pool, job),
-            Action::Store(job) => (&self.store_pool, job),
+            Action::Hash(job) => (&self.hash_pool, job, None),
+            Action::Store(job) => (&self.store_pool, job, None),
+            Action::Delete { room, job } => (&self.store_pool, job, Some(room)),
         };
         if pool.try_submit(job).is_err() {
             log::warn!("{} queue full; answering 503", pool.name());
             let resp = Response::error(503, "Server is busy; retry shortly");
             return self.respond(token, resp, keep_alive, head_only);
+        }
+        if let Some(room) = deleting {
+            self.rooms.begin_delete(&room);
         }
         if let Some(h) = self.http_mut(token) {
             h.awaiting = Some((keep_alive, head_only));
@@ -872,6 +882,15 @@ impl Reactor {
         let Some(conn) = self.conn_ref(token) else {
             return;
         };
+        let fenced = self
+            .rooms
+            .key_of(&up.room)
+            .and_then(|k| self.rooms.get(k))
+            .is_some_and(|r| r.deleting > 0 || r.tombstone);
+        if fenced {
+            let resp = Response::error(503, "Room is being deleted; retry shortly");
+            return self.respond(token, resp, false, false);
+        }
         // Ask for the room and its history first: if the queue is full the
         // client gets a plain 503 instead of a socket that never joins.
         let history_limit = self.cfg.history_limit;
@@ -1254,7 +1273,10 @@ impl Reactor {
         );
     }
 
-    /// Close every member of a room and forget the room.
+    /// Close every member of a room and forget the room (what waited for
+    /// the store is dropped: never acknowledged, never stored). With a batch
+    /// in flight the entry stays as a tombstone until that batch is done.
+    /// The upgrade refuses joins to a room being deleted or a tombstone.
     fn close_room(&mut self, room_key: usize, code: u16, reason: &str) {
         let members: Vec<usize> = match self.rooms.get(room_key) {
             Some(r) => r.members.iter().map(|(_, &t)| t).collect(),
@@ -1263,7 +1285,14 @@ impl Reactor {
         for token in members {
             self.ws_close(token, code, reason, false);
         }
-        self.rooms.remove(room_key);
+        if let Some(r) = self.rooms.get_mut(room_key) {
+            r.pending.clear();
+            r.deferred_joins.clear();
+            r.tombstone = r.inflight;
+        }
+        // Kept (closed to joins) while a batch is in flight or another
+        // delete of it is under way.
+        self.rooms.drop_if_idle(room_key);
     }
 
     // ----- completions ---------------------------------------------------
@@ -1306,9 +1335,15 @@ impl Reactor {
                 resp,
                 deleted,
             } => {
-                if deleted {
-                    if let Some(key) = self.rooms.key_of(&room) {
+                if let Some(key) = self.rooms.end_delete(&room) {
+                    if deleted {
                         self.close_room(key, close::ROOM_DELETED, "room deleted");
+                    } else if let Some(r) = self.rooms.get_mut(key) {
+                        if r.deleting == 0 && !r.pending.is_empty() && !r.dirty {
+                            // Not deleted after all: what waited goes now.
+                            r.dirty = true;
+                            self.dirty_rooms.push(key);
+                        }
                     }
                 }
                 self.complete_http(conn, resp);
@@ -1441,6 +1476,11 @@ impl Reactor {
             return; // the room was deleted meanwhile; its members are closed
         };
         room.inflight = false;
+        if room.tombstone {
+            // Deleted while this batch was written: nobody is told, and the
+            // name is free again.
+            return self.rooms.drop_if_idle(room_key);
+        }
         match result {
             Ok(stored) => {
                 self.counters.messages_stored += stored.len() as u64;
@@ -1528,7 +1568,12 @@ impl Reactor {
                     continue;
                 }
                 room.dirty = false;
-                if room.inflight || !room.confirmed || room.pending.is_empty() {
+                if room.inflight
+                    || !room.confirmed
+                    || room.deleting > 0
+                    || room.tombstone
+                    || room.pending.is_empty()
+                {
                     continue;
                 }
                 let mut n = 0;

@@ -56,12 +56,20 @@ pub struct Room {
     pub last_ts: i64,
     /// Joins waiting for the batch in flight (see [`DeferredJoin`]).
     pub deferred_joins: Vec<DeferredJoin>,
+    /// Deletes of this room being carried out by the store. Meanwhile no
+    /// batch is submitted and nobody joins, so that nothing of this room
+    /// can be written after the delete into a room created again under the
+    /// same name.
+    pub deleting: u32,
+    /// Deleted while a batch was in flight: the entry stays, empty and
+    /// closed to joins, until that batch is done, for the same reason.
+    pub tombstone: bool,
 }
 
 impl Room {
     /// Nothing left that needs this entry.
     pub fn is_idle(&self) -> bool {
-        self.members.is_empty() && self.pending.is_empty() && !self.inflight
+        self.members.is_empty() && self.pending.is_empty() && !self.inflight && self.deleting == 0
     }
 }
 
@@ -76,7 +84,31 @@ impl Rooms {
     /// Add connection `token` to room `name`, creating the entry when needed.
     /// Returns the room's key and the member's key.
     pub fn join(&mut self, name: &str, token: usize) -> (usize, usize) {
-        let key = match self.by_name.get(name) {
+        let key = self.entry(name);
+        let member = self.slab[key].members.insert(token);
+        (key, member)
+    }
+
+    /// A delete of room `name` goes to the store: fence its entry (made for
+    /// the purpose if the room has none) until the outcome is back.
+    pub fn begin_delete(&mut self, name: &str) {
+        let key = self.entry(name);
+        self.slab[key].deleting += 1;
+    }
+
+    /// The outcome of a delete is back: lift one fence. Returns the entry's
+    /// key if it is still there.
+    pub fn end_delete(&mut self, name: &str) -> Option<usize> {
+        let key = self.key_of(name)?;
+        let room = &mut self.slab[key];
+        room.deleting = room.deleting.saturating_sub(1);
+        self.drop_if_idle(key);
+        self.key_of(name)
+    }
+
+    /// The entry of room `name`, created when there is none.
+    fn entry(&mut self, name: &str) -> usize {
+        match self.by_name.get(name) {
             Some(&k) => k,
             None => {
                 self.next_id += 1;
@@ -91,13 +123,13 @@ impl Rooms {
                     dirty: false,
                     last_ts: 0,
                     deferred_joins: Vec::new(),
+                    deleting: 0,
+                    tombstone: false,
                 });
                 self.by_name.insert(name, key);
                 key
             }
-        };
-        let member = self.slab[key].members.insert(token);
-        (key, member)
+        }
     }
 
     /// Remove a member; the room goes when nothing needs it any more.

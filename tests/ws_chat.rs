@@ -3,7 +3,8 @@
 
 mod common;
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -600,4 +601,89 @@ fn client_close_is_answered_and_ping_is_ponged() {
     let (end, _) = raw.read_until_close(WAIT);
     let (code, _) = end.expect("server answers a close with a close");
     assert_eq!(code, 1000);
+}
+
+/// One member session of the delete race below: connect (retrying while the
+/// room is being deleted), send a few messages, wait for each echo. Returns
+/// what it sent and whether the session ended with 4404.
+fn race_session(s: &Server, room: &str, tag: &str) -> (Vec<String>, bool) {
+    let path = format!("/ws/{}?username={tag}", enc(room));
+    let Ok(mut c) = s.try_ws(&path, &[]) else {
+        thread::sleep(Duration::from_millis(5));
+        return (Vec::new(), false);
+    };
+    let sent: Vec<String> = (0..5).map(|n| format!("{tag}-{n}")).collect();
+    for content in &sent {
+        c.send_content(content);
+    }
+    let mut echoed = 0;
+    while echoed < sent.len() {
+        match c.recv(WAIT) {
+            Event::Text(t) if t.contains(&format!("\"{tag}-")) => echoed += 1,
+            Event::Text(_) | Event::Binary(_) => continue,
+            Event::Close(cr) => return (sent, cr.is_some_and(|(code, _)| code == 4404)),
+            Event::Gone(_) | Event::Timeout => break,
+        }
+    }
+    (sent, false)
+}
+
+#[test]
+fn deleting_a_busy_room_keeps_its_messages_out_of_the_next_room_of_that_name() {
+    // Members keep sending and reconnecting while the room is deleted, so a
+    // message is always on its way to the store and a reconnect may create
+    // the room again at once. Nothing sent on a session that ended with 4404
+    // may turn up in the new room. Bounded: 12 rounds of about 0.5 s.
+    let s = Server::start_with(&[("WS_RATE_LIMIT", "0")]);
+    for round in 0..12 {
+        let room = uniq("Busy");
+        let r = s.post("/rooms", &json!({"name": room, "username": "owner"}));
+        assert_eq!(r.status, 201, "{r:?}");
+        let stop = AtomicBool::new(false);
+        let deleted_sessions: Mutex<Vec<String>> = Mutex::new(Vec::new());
+        thread::scope(|scope| {
+            for t in 0..16 {
+                let (s, room, stop, out) = (&s, &room, &stop, &deleted_sessions);
+                scope.spawn(move || {
+                    for k in 0..200 {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let (sent, got_4404) = race_session(s, room, &format!("r{round}t{t}k{k}"));
+                        if got_4404 {
+                            out.lock().unwrap().extend(sent);
+                        }
+                    }
+                });
+            }
+            thread::sleep(Duration::from_millis(150 + 20 * round));
+            let d = s.delete(&format!("/rooms?name={}&username=owner", enc(&room)));
+            assert_eq!(d.status, 200, "{d:?}");
+            thread::sleep(Duration::from_millis(300));
+            stop.store(true, Ordering::SeqCst);
+        });
+        let gone = deleted_sessions.into_inner().unwrap();
+        let r = s.get(&format!("/rooms/{}/messages?limit=100", enc(&room)));
+        // Whatever the race left, the name is usable again at once.
+        let mut after = s.ws(&room, "after");
+        after.drain_quiet(QUIET);
+        after.round_trip("after the delete", WAIT);
+        if r.status == 404 {
+            continue; // nobody created it again
+        }
+        let leaked: Vec<String> = r
+            .json()
+            .as_array()
+            .expect("a page")
+            .iter()
+            .filter_map(|m| m["content"].as_str())
+            .filter(|c| gone.iter().any(|g| g == c))
+            .map(str::to_owned)
+            .collect();
+        assert!(
+            leaked.is_empty(),
+            "round {round}: sent on sessions closed with 4404, yet in the new room: {leaked:?}"
+        );
+    }
+    s.assert_still_serving();
 }
