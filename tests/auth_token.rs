@@ -307,9 +307,7 @@ fn authorization_with_multibyte_characters_is_answered() {
         };
         let req = format!(
             "{method} {target} HTTP/1.1\r\nHost: x\r\nAuthorization: {value}\r\n\
-             Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             Content-Length: {}\r\n\r\n{body}",
+             {WS_UPGRADE_HEADERS}Content-Length: {}\r\n\r\n{body}",
             body.len()
         );
         raw_request(server.addr(), req.as_bytes()).status

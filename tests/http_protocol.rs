@@ -12,10 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// The headers of a valid WebSocket upgrade.
-const WS_UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
-    Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
-
 fn get_req(path: &str, extra: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n")
 }
@@ -178,7 +174,7 @@ fn query_that_does_not_decode_is_400() {
         "/ws/General?username=x&since=%ff",
         "/healthz?%",
     ] {
-        let r = raw_request(s.addr(), get_req(target, WS_UPGRADE).as_bytes());
+        let r = raw_request(s.addr(), get_req(target, WS_UPGRADE_HEADERS).as_bytes());
         assert_eq!(r.status, 400, "{target}: {}", r.body_text());
         assert!(
             r.body_text().contains("percent-encoded"),
@@ -440,7 +436,7 @@ fn bad_websocket_handshakes_are_refused_cleanly() {
     // HEAD has no body: read its status line only.)
     let mut c = TcpStream::connect(s.addr()).expect("connect");
     c.set_read_timeout(Some(WAIT)).expect("timeout");
-    let head = get_req("/ws/Room1?username=x", WS_UPGRADE).replacen("GET", "HEAD", 1);
+    let head = get_req("/ws/Room1?username=x", WS_UPGRADE_HEADERS).replacen("GET", "HEAD", 1);
     c.write_all(head.as_bytes()).expect("send");
     let mut status_line = [0u8; 12];
     c.read_exact(&mut status_line).expect("status line");

@@ -497,9 +497,7 @@ fn closed_while_joining_stays_closed_and_server_survives() {
     {
         let mut stream = TcpStream::connect(s.addr()).unwrap();
         let mut bytes = format!(
-            "GET /ws/{}?username=early{i} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             Sec-WebSocket-Version: 13\r\n\r\n",
+            "GET /ws/{}?username=early{i} HTTP/1.1\r\nHost: x\r\n{WS_UPGRADE_HEADERS}\r\n",
             enc(&room)
         )
         .into_bytes();

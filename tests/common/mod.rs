@@ -1272,6 +1272,11 @@ pub const OP_CLOSE: u8 = 0x8;
 pub const OP_PING: u8 = 0x9;
 pub const OP_PONG: u8 = 0xA;
 
+/// The headers of a valid WebSocket upgrade request (a fixed key), each
+/// ending in CRLF, for requests written by hand.
+pub const WS_UPGRADE_HEADERS: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
+    Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
 /// A client frame, masked, FIN set.
 pub fn encode_client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     encode_frame(true, opcode, payload, true)
