@@ -28,6 +28,7 @@ use store::Store;
 /// Open the store, bind, serve until SIGINT or SIGTERM, then shut down
 /// gracefully. Errors are sentences for the operator.
 pub fn serve(cfg: Config) -> Result<(), String> {
+    raise_fd_limit();
     let shared = Arc::new(metrics::Shared::default());
     let backend: Arc<dyn Store> = match &cfg.mongo_uri {
         Some(uri) => {
@@ -85,6 +86,41 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         workers
     );
     reactor.run().map_err(|e| format!("event loop failed: {e}"))
+}
+
+/// Every socket is a file descriptor, and many shells and service managers
+/// start processes with a soft limit of 1024 under a far higher hard limit.
+/// Raise the soft limit to the hard one, as the Go runtime does for the
+/// original server, so that the first thousand idle clients do not exhaust
+/// it. A failure only leaves the limit as it was.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read or write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        log::warn!(
+            "cannot read the open file limit: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    let soft = lim.rlim_cur;
+    if soft < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+            log::info!("open file limit raised from {soft} to {}", lim.rlim_max);
+            return;
+        }
+        log::warn!(
+            "cannot raise the open file limit from {soft} to {}: {}",
+            lim.rlim_max,
+            std::io::Error::last_os_error()
+        );
+    }
+    log::info!("open file limit: {soft} (each connection takes one)");
 }
 
 /// Create MongoDB's indexes as soon as the database answers, without holding

@@ -3,7 +3,8 @@
 //! serving: it pauses accepting and resumes once a connection closes.
 //!
 //! The server is started under `ulimit -n 64` so the limit is reached with a
-//! handful of client sockets.
+//! handful of client sockets. A second test checks that a low soft limit
+//! under a higher hard one is raised at start.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -30,13 +31,23 @@ fn healthz(addr: SocketAddr) -> Option<String> {
     Some(out)
 }
 
-#[test]
-fn emfile_does_not_spin_and_serving_resumes() {
+/// A server started by `sh` after `limits` (ulimit commands), with its
+/// stderr lines on a channel and the address it listens on.
+struct Server {
+    child: std::process::Child,
+    addr: SocketAddr,
+    log: std::sync::mpsc::Receiver<String>,
+    /// The lines logged up to and including the listening line.
+    start_log: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+fn start_under(limits: &str) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let bin = env!("CARGO_BIN_EXE_chatserver");
     let mut child = Command::new("sh")
         .arg("-c")
-        .arg(format!("ulimit -n 64 && exec '{bin}'"))
+        .arg(format!("{limits} && exec '{bin}'"))
         .current_dir(dir.path())
         .env("HOST", "127.0.0.1")
         .env("PORT", "0")
@@ -49,7 +60,6 @@ fn emfile_does_not_spin_and_serving_resumes() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start chatserver");
-    let pid = child.id();
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
@@ -60,6 +70,7 @@ fn emfile_does_not_spin_and_serving_resumes() {
         }
     });
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut start_log = Vec::new();
     let addr: SocketAddr = loop {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
@@ -67,9 +78,45 @@ fn emfile_does_not_spin_and_serving_resumes() {
         if let Some(at) = line.find("listening on ") {
             let rest = &line[at + 13..];
             let end = rest.find(' ').unwrap_or(rest.len());
-            break rest[..end].parse().expect("listen address");
+            let addr = rest[..end].parse().expect("listen address");
+            start_log.push(line);
+            break addr;
         }
+        start_log.push(line);
     };
+    Server {
+        child,
+        addr,
+        log: rx,
+        start_log,
+        _dir: dir,
+    }
+}
+
+/// SIGTERM, then the exit status must be success within 10 s.
+fn stop(mut server: Server) {
+    unsafe {
+        libc::kill(server.child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn emfile_does_not_spin_and_serving_resumes() {
+    // Soft and hard limit both 64: nothing to raise.
+    let server = start_under("ulimit -n 64");
+    let (pid, addr) = (server.child.id(), server.addr);
 
     // Hold far more connections than the server has descriptors for.
     let mut held = Vec::new();
@@ -90,7 +137,7 @@ fn emfile_does_not_spin_and_serving_resumes() {
         used < 50,
         "server burned {used} CPU ticks in 2 s while out of descriptors (a spinning accept loop)"
     );
-    let log: Vec<String> = rx.try_iter().collect();
+    let log: Vec<String> = server.log.try_iter().collect();
     assert!(
         log.iter().any(|l| l.contains("accept paused")),
         "no pause was logged: {log:?}"
@@ -108,19 +155,52 @@ fn emfile_does_not_spin_and_serving_resumes() {
     };
     assert!(answer.contains(r#"{"status":"ok"}"#), "{answer}");
 
-    unsafe {
-        libc::kill(pid as i32, libc::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "exit status {status}");
-            break;
+    stop(server);
+}
+
+/// A soft limit of 128 under a hard one of 600: the server raises its own
+/// soft limit (as the Go original's runtime did), so 300 connections are
+/// all served instead of the accept loop pausing after about a hundred.
+#[test]
+fn soft_descriptor_limit_is_raised_to_the_hard_limit() {
+    let server = start_under("ulimit -S -n 128 && ulimit -H -n 600");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id()))
+        .expect("read /proc limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(&fields[3..5], &["600", "600"], "{line}");
+
+    let mut held = Vec::new();
+    for i in 0..300 {
+        let mut s = TcpStream::connect_timeout(&server.addr, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while !got.windows(15).any(|w| w == br#"{"status":"ok"}"#) {
+            let n = s
+                .read(&mut buf)
+                .unwrap_or_else(|e| panic!("connection {i} got no answer: {e}"));
+            assert!(n > 0, "connection {i} closed without an answer");
+            got.extend_from_slice(&buf[..n]);
         }
-        assert!(
-            Instant::now() < deadline,
-            "server did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
+        held.push(s);
     }
+    assert!(
+        server
+            .start_log
+            .iter()
+            .any(|l| l.contains("open file limit raised from 128 to 600")),
+        "{:?}",
+        server.start_log
+    );
+    let log: Vec<String> = server.log.try_iter().collect();
+    assert!(!log.iter().any(|l| l.contains("accept paused")), "{log:?}");
+    drop(held);
+    stop(server);
 }
