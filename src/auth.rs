@@ -101,7 +101,7 @@ impl Tokens {
         let claims = Claims {
             sub: username.to_owned(),
             iat: now,
-            exp: now + self.ttl.as_secs(),
+            exp: now.saturating_add(self.ttl.as_secs()),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| e.to_string())
@@ -128,22 +128,58 @@ pub fn load_secret(configured: Option<&str>, data_dir: &Path) -> Result<Vec<u8>,
         return Ok(s.as_bytes().to_vec());
     }
     let path = data_dir.join("token_secret");
-    match std::fs::read_to_string(&path) {
-        Ok(s) if s.trim().len() >= 32 => return Ok(s.trim().as_bytes().to_vec()),
-        Ok(_) => {
-            return Err(format!(
-                "{} is too short; delete it to regenerate",
-                path.display()
-            ))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    if let Some(secret) = read_secret(&path)? {
+        return Ok(secret);
     }
     std::fs::create_dir_all(data_dir)
         .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
     let mut raw = [0u8; 32];
     getrandom::fill(&mut raw).map_err(|e| format!("no randomness for the token secret: {e}"))?;
     let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    // Written whole to a private file first, then linked into place: the
+    // link either appears with the complete secret or fails because another
+    // process sharing the directory got there first. No process can read a
+    // half-written secret, and a failed write leaves nothing behind.
+    let tmp = data_dir.join(format!(
+        "token_secret.{}.{}.tmp",
+        std::process::id(),
+        &hex[..8]
+    ));
+    let linked = write_private(&tmp, hex.as_bytes()).and_then(|_| std::fs::hard_link(&tmp, &path));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            if let Ok(dir) = std::fs::File::open(data_dir) {
+                let _ = dir.sync_all();
+            }
+            Ok(hex.into_bytes())
+        }
+        // Another process won the race: use its secret, which is complete.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            read_secret(&path)?.ok_or_else(|| format!("{} vanished while starting", path.display()))
+        }
+        Err(e) => Err(format!(
+            "cannot create {}: {e} (or set TOKEN_SECRET)",
+            path.display()
+        )),
+    }
+}
+
+/// The secret kept at `path`, `None` if there is none yet.
+fn read_secret(path: &Path) -> Result<Option<Vec<u8>>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) if s.trim().len() >= 32 => Ok(Some(s.trim().as_bytes().to_vec())),
+        Ok(_) => Err(format!(
+            "{} is too short; delete it to regenerate",
+            path.display()
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// Create `path` readable by its owner only, write `data` and sync it.
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -151,19 +187,9 @@ pub fn load_secret(configured: Option<&str>, data_dir: &Path) -> Result<Vec<u8>,
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    match options.open(&path) {
-        Ok(mut f) => {
-            f.write_all(hex.as_bytes())
-                .and_then(|_| f.sync_all())
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-            Ok(hex.into_bytes())
-        }
-        // Another process sharing the directory won the race: use its secret.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::read_to_string(&path)
-            .map(|s| s.trim().as_bytes().to_vec())
-            .map_err(|e| format!("cannot read {}: {e}", path.display())),
-        Err(e) => Err(format!("cannot create {}: {e}", path.display())),
-    }
+    let mut f = options.open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
 }
 
 /// A hash to verify against when a user does not exist, so that an unknown
@@ -199,6 +225,41 @@ mod tests {
         assert!(room_name_problem("bell\u{7}").is_some());
         assert!(room_name_problem(&"é".repeat(64)).is_none());
         assert!(room_name_problem(&"é".repeat(65)).is_some());
+    }
+
+    #[test]
+    fn racing_starts_on_a_fresh_directory_share_one_complete_secret() {
+        for round in 0..40 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("data");
+            let got: Vec<Result<Vec<u8>, String>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..8)
+                    .map(|_| s.spawn(|| load_secret(None, &path)))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let first = got[0]
+                .clone()
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(first.len(), 64, "round {round}");
+            for g in &got {
+                assert_eq!(g.as_ref(), Ok(&first), "round {round}");
+            }
+            let left: Vec<_> = std::fs::read_dir(&path)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(left, ["token_secret"], "round {round}");
+            assert_eq!(load_secret(None, &path).unwrap(), first);
+        }
+    }
+
+    #[test]
+    fn a_short_kept_secret_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token_secret"), "").unwrap();
+        let e = load_secret(None, dir.path()).unwrap_err();
+        assert!(e.contains("too short"), "{e}");
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub struct Config {
     pub mongo_db: String,
 
     /// MongoDB server selection and connect timeout
-    #[arg(long, env = "MONGO_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, env = "MONGO_TIMEOUT", default_value = "3s", value_parser = parse_interval)]
     pub mongo_timeout: Duration,
 
     /// Directory of the embedded database and the generated token secret
@@ -64,7 +64,7 @@ pub struct Config {
     pub token_secret: Option<String>,
 
     /// Token lifetime
-    #[arg(long, env = "TOKEN_TTL", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "TOKEN_TTL", default_value = "24h", value_parser = parse_ttl)]
     pub token_ttl: Duration,
 
     /// bcrypt cost for new password hashes
@@ -105,11 +105,11 @@ pub struct Config {
     pub ws_max_message: usize,
 
     /// Server ping period; a silent connection is closed after three periods
-    #[arg(long, env = "PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "PING_INTERVAL", default_value = "30s", value_parser = parse_interval)]
     pub ping_interval: Duration,
 
     /// Time a client has to send a complete request head (408 after it)
-    #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_interval)]
     pub http_header_timeout: Duration,
 
     /// Largest HTTP request head (431 above it)
@@ -203,14 +203,42 @@ impl Config {
     }
 }
 
-/// `30s`, `500ms`, `24h`, `1h 30m`; a bare number is seconds.
+/// The longest duration any setting takes: timers are added to the clock,
+/// and ten years keeps every sum far from overflowing.
+const LONGEST: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// `30s`, `500ms`, `24h`, `1h 30m`; a bare number is seconds. Zero is
+/// allowed; more than ten years is not.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
+    let d = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s)
+            .map_err(|e| format!("{s:?} is not a duration ({e}); try 30s or 24h"))?,
+    };
+    if d > LONGEST {
+        return Err(format!("{s:?} is longer than ten years"));
     }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration ({e}); try 30s or 24h"))
+    Ok(d)
+}
+
+/// A period or timeout: at least 10 ms (zero would time everything out at
+/// once).
+pub fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(10) {
+        return Err(format!("{:?} is too short; use at least 10ms", s.trim()));
+    }
+    Ok(d)
+}
+
+/// A token lifetime: at least a second, since tokens count whole seconds.
+pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{:?} is too short; use at least 1s", s.trim()));
+    }
+    Ok(d)
 }
 
 /// `64KiB`, `1MiB`, `512`, `2KB`; binary and decimal suffixes, case-insensitive.
@@ -258,6 +286,13 @@ mod tests {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert!(parse_duration("18446744073709551615s").is_err());
+        assert!(parse_duration("11 years").is_err());
+        assert!(parse_interval("0s").is_err());
+        assert_eq!(parse_interval("10ms").unwrap(), Duration::from_millis(10));
+        assert!(parse_ttl("999ms").is_err());
+        assert_eq!(parse_ttl("1s").unwrap(), Duration::from_secs(1));
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("soon").is_err());
     }

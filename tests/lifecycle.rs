@@ -36,6 +36,10 @@ fn invalid_configuration_fails_fast_with_a_message() {
         ("PORT", "not-a-port"),
         ("WS_MAX_BACKLOG", "lots"),
         ("PING_INTERVAL", "soon"),
+        ("PING_INTERVAL", "0"),
+        ("HTTP_HEADER_TIMEOUT", "600000000000s"),
+        ("TOKEN_TTL", "18446744073709551615s"),
+        ("TOKEN_TTL", "0s"),
     ] {
         let (status, out, err) = run_binary(&[], &[(k, v)], Duration::from_secs(10));
         assert!(!status.success(), "{k}={v} was accepted");
