@@ -376,13 +376,18 @@ impl Reactor {
             }
         }
         log::info!("waiting for workers to finish");
+        let started = self
+            .shutdown
+            .as_ref()
+            .map_or_else(Instant::now, |s| s.started);
+        let deadline = started + self.cfg.shutdown_timeout;
         let Reactor {
             hash_pool,
             store_pool,
             ..
         } = self;
-        hash_pool.shutdown();
-        store_pool.shutdown();
+        hash_pool.shutdown(deadline);
+        store_pool.shutdown(deadline);
         log::info!("stopped");
         Ok(())
     }
@@ -1729,6 +1734,41 @@ impl Reactor {
         self.flush_all();
     }
 
+    /// Half-way through the shutdown timeout: the messages not yet handed
+    /// to the store are dropped, and their senders told so before the 1001
+    /// close, so that none vanishes silently. A batch already being written
+    /// may still be stored; it is then in the history for a reconnect.
+    fn refuse_pending(&mut self) {
+        let mut senders: Vec<ConnRef> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut dropped = 0;
+        for key in self.rooms.keys() {
+            if let Some(room) = self.rooms.get_mut(key) {
+                dropped += room.pending.len();
+                for p in room.pending.drain(..) {
+                    if seen.insert(p.sender) {
+                        senders.push(p.sender);
+                    }
+                }
+            }
+        }
+        if dropped > 0 {
+            log::warn!(
+                "shutdown: {dropped} messages not stored; telling their {} senders",
+                senders.len()
+            );
+        }
+        for s in senders {
+            if self.live(s) {
+                self.send_error(
+                    s.token,
+                    "store_unavailable",
+                    "message not stored: the server is shutting down",
+                );
+            }
+        }
+    }
+
     /// Drive the shutdown; true when the loop may end.
     fn shutdown_step(&mut self) -> bool {
         let timeout = self.cfg.shutdown_timeout;
@@ -1743,6 +1783,7 @@ impl Reactor {
             }
             if self.rooms.has_unstored() {
                 log::warn!("shutdown: some messages were still being stored");
+                self.refuse_pending();
             }
             if let Some(s) = &mut self.shutdown {
                 s.closing_sent = true;

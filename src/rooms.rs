@@ -16,7 +16,7 @@ use crate::store::{NewMessage, StoreResult, StoredMessage};
 
 /// Which connection a message came from: the slab token and the connection's
 /// unique id (tokens are reused, ids are not).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnRef {
     pub token: usize,
     pub id: u64,

@@ -13,6 +13,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::Waker;
@@ -94,13 +95,28 @@ impl<T: Send + 'static> Pool<T> {
         self.name
     }
 
-    /// Let the threads finish the queued jobs, then join them.
-    pub fn shutdown(mut self) {
+    /// Let the threads finish the queued jobs and join them, but wait no
+    /// later than `deadline`: a job stuck on an unreachable database or an
+    /// absurdly costly hash must not hold the process past its shutdown
+    /// timeout. Threads still busy then are left to end with the process.
+    pub fn shutdown(mut self, deadline: Instant) {
         self.jobs = None;
-        for handle in self.threads.drain(..) {
+        while self.threads.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (done, busy): (Vec<_>, Vec<_>) = self.threads.drain(..).partition(|h| h.is_finished());
+        for handle in done {
             if handle.join().is_err() {
                 log::error!("a {} worker panicked", self.name);
             }
+        }
+        if !busy.is_empty() {
+            log::warn!(
+                "{} {} worker(s) still busy at the shutdown deadline ({} jobs queued); not waiting for them",
+                busy.len(),
+                self.name,
+                self.queue.len()
+            );
         }
     }
 }

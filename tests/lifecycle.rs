@@ -165,6 +165,62 @@ fn sigterm_closes_websockets_with_1001_and_exits_0() {
     );
 }
 
+/// The store stuck (another process holds SQLite's write lock, so a write
+/// waits out the 5 s busy timeout) with messages waiting behind it: at
+/// SIGTERM their sender is told they were not stored before the 1001 close,
+/// and the process exits within SHUTDOWN_TIMEOUT instead of waiting for the
+/// stuck write.
+#[test]
+fn sigterm_with_a_stuck_store_tells_senders_and_keeps_its_timeout() {
+    let mut s = Server::start_with(&[("SHUTDOWN_TIMEOUT", "2s"), ("WS_RATE_LIMIT", "0")]);
+    let room = uniq("StuckStore");
+    let mut a = s.ws(&room, "a");
+    a.round_trip("before", WAIT);
+    let lock = rusqlite::Connection::open(s.data_dir().join("chatconnect.db"))
+        .expect("open the database beside the server");
+    lock.execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    // The first is being written (waiting for the lock), the rest wait for
+    // it.
+    a.send_content("m0");
+    std::thread::sleep(Duration::from_millis(200));
+    for i in 1..5 {
+        a.send_content(&format!("m{i}"));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    s.sigterm();
+    let mut errors = Vec::new();
+    let close = loop {
+        match a.recv(WAIT) {
+            Event::Text(text) => {
+                let v: Value = serde_json::from_str(&text).expect("JSON frame");
+                if v.get("code").is_some() {
+                    errors.push(v);
+                }
+            }
+            Event::Close(c) => break c,
+            other => panic!("expected frames then a close, got {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|c| c.0), Some(1001));
+    assert!(
+        errors.iter().any(|e| e["code"] == "store_unavailable"),
+        "no store_unavailable frame before the close: {errors:?}\n{}",
+        s.log_text()
+    );
+    drop(a);
+    let status = s.wait_exit(Duration::from_secs(4));
+    assert!(status.success(), "exit status {status}\n{}", s.log_text());
+    assert!(
+        t.elapsed() < Duration::from_millis(3000),
+        "shutdown took {:?} with SHUTDOWN_TIMEOUT=2s\n{}",
+        t.elapsed(),
+        s.log_text()
+    );
+    lock.execute_batch("ROLLBACK").expect("release the lock");
+}
+
 #[test]
 fn sigterm_answers_a_half_sent_request_with_503() {
     let mut s = Server::start();
@@ -307,4 +363,59 @@ fn generated_token_secret_survives_restart() {
     ));
     let m = c.round_trip("signed before restart", WAIT);
     assert_eq!(m["username"], user.as_str());
+}
+
+/// Several processes started at once on a fresh data directory (the README
+/// lets processes share one database): every one of them starts. Before,
+/// one in a dozen lost a race for the file's switch to WAL and exited with
+/// "database is locked".
+#[test]
+fn processes_started_together_on_a_fresh_data_dir_all_start() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    for round in 0..10 {
+        let root = tempfile::tempdir().expect("temp dir");
+        let mut children: Vec<_> = (0..4)
+            .map(|_| {
+                let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatserver"));
+                for var in CONFIG_VARS {
+                    cmd.env_remove(var);
+                }
+                cmd.current_dir(root.path())
+                    .env("HOST", "127.0.0.1")
+                    .env("PORT", "0")
+                    .env("DATA_DIR", root.path().join("data"))
+                    .env("TOKEN_SECRET", "a shared secret of enough bytes")
+                    .env("RUST_LOG", "info")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn chatserver")
+            })
+            .collect();
+        let outcomes: Vec<Result<(), String>> = children
+            .iter_mut()
+            .map(|c| {
+                let lines = std::io::BufReader::new(c.stderr.take().expect("stderr")).lines();
+                let mut seen = Vec::new();
+                for line in lines.map_while(Result::ok) {
+                    if line.contains("listening on") {
+                        return Ok(());
+                    }
+                    seen.push(line);
+                }
+                Err(seen.join("\n"))
+            })
+            .collect();
+        for c in &mut children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for o in outcomes {
+            if let Err(log) = o {
+                panic!("round {round}: a process did not start:\n{log}");
+            }
+        }
+    }
 }

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
@@ -58,6 +58,12 @@ fn unavailable(err: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(err.to_string())
 }
 
+/// Another connection holds a lock this step needs.
+fn is_busy(err: &rusqlite::Error) -> bool {
+    matches!(err, rusqlite::Error::SqliteFailure(e, _)
+        if matches!(e.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
+}
+
 fn is_unique_violation(err: &rusqlite::Error) -> bool {
     matches!(err, rusqlite::Error::SqliteFailure(e, _) if e.code == ErrorCode::ConstraintViolation)
 }
@@ -76,21 +82,49 @@ impl SqliteStore {
             idle: Mutex::new(Vec::new()),
             writer: Mutex::new(()),
         };
-        let conn = store.connect()?;
+        // Another process creating the same database at this moment (while
+        // it switches the file to WAL or writes the schema) makes these steps
+        // fail with "locked" at once, whatever the busy timeout: wait for it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match store.prepare() {
+                Ok(conn) => {
+                    store.put(conn);
+                    return Ok(store);
+                }
+                Err(Ok(e)) if is_busy(&e) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(Ok(e)) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "cannot open {}: {e}",
+                        store.path.display()
+                    )))
+                }
+                Err(Err(version)) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "{} was written by a newer chatserver (schema {version}, this one knows {SCHEMA_VERSION})",
+                        store.path.display()
+                    )))
+                }
+            }
+        }
+    }
+
+    /// A connection to a database whose schema is in place; `Err(Err(v))`
+    /// when the file has a newer schema version `v`.
+    fn prepare(&self) -> Result<Connection, Result<rusqlite::Error, i64>> {
+        let conn = self.connect_raw().map_err(Ok)?;
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(unavailable)?;
+            .map_err(Ok)?;
         if version > SCHEMA_VERSION {
-            return Err(StoreError::Unavailable(format!(
-                "{} was written by a newer chatserver (schema {version}, this one knows {SCHEMA_VERSION})",
-                store.path.display()
-            )));
+            return Err(Err(version));
         }
-        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        conn.execute_batch(SCHEMA).map_err(Ok)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(unavailable)?;
-        store.put(conn);
-        Ok(store)
+            .map_err(Ok)?;
+        Ok(conn)
     }
 
     /// Where the database lives.
@@ -99,17 +133,18 @@ impl SqliteStore {
     }
 
     fn connect(&self) -> StoreResult<Connection> {
-        let conn = Connection::open(&self.path).map_err(|e| {
+        self.connect_raw().map_err(|e| {
             StoreError::Unavailable(format!("cannot open {}: {e}", self.path.display()))
-        })?;
-        conn.busy_timeout(Duration::from_secs(5))
-            .map_err(unavailable)?;
+        })
+    }
+
+    fn connect_raw(&self) -> rusqlite::Result<Connection> {
+        let conn = Connection::open(&self.path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
         // WAL lets readers run beside the writer; FULL makes every commit
         // durable before the reactor broadcasts it (one fsync per batch).
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(unavailable)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(unavailable)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
         Ok(conn)
     }
 
