@@ -263,7 +263,15 @@ impl Reactor {
             };
             // An unknown user costs one verification too, so the answer's
             // timing does not tell which names exist.
+            let cost_limit = cost.max(auth::MAX_VERIFY_COST);
             let ok = match &stored {
+                Some(hash) if auth::hash_cost(hash).is_some_and(|c| c > cost_limit) => {
+                    log::warn!(
+                        "the stored password hash of {username:?} has a bcrypt cost above {cost_limit}; refusing to verify it"
+                    );
+                    let _ = bcrypt::verify(&password, auth::dummy_hash(cost));
+                    false
+                }
                 Some(hash) => bcrypt::verify(&password, hash).unwrap_or(false),
                 None => {
                     let _ = bcrypt::verify(&password, auth::dummy_hash(cost));

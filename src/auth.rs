@@ -18,6 +18,21 @@ pub const ANONYMOUS: &str = "Anonymous";
 
 /// Longest password bcrypt reads, in bytes.
 pub const MAX_PASSWORD_BYTES: usize = 72;
+
+/// The highest bcrypt cost a login verifies when `BCRYPT_COST` is lower.
+/// Each step doubles the work: cost 16 is 64 times the default 10, while a
+/// stored hash of cost 31 (corrupt, or planted in a taken-over database)
+/// would keep a hash thread busy for days.
+pub const MAX_VERIFY_COST: u32 = 16;
+
+/// The cost a bcrypt hash (`$2b$10$...`) was made with.
+pub fn hash_cost(hash: &str) -> Option<u32> {
+    let mut parts = hash.split('$');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(""), Some(_version), Some(cost)) if cost.len() == 2 => cost.parse().ok(),
+        _ => None,
+    }
+}
 pub const MIN_PASSWORD_BYTES: usize = 8;
 
 /// Why a username is refused, or `None` when it is fine.
@@ -252,6 +267,18 @@ mod tests {
             assert_eq!(left, ["token_secret"], "round {round}");
             assert_eq!(load_secret(None, &path).unwrap(), first);
         }
+    }
+
+    #[test]
+    fn hash_cost_is_read_from_the_hash() {
+        let h = bcrypt::hash("pw", 4).unwrap();
+        assert_eq!(hash_cost(&h), Some(4));
+        assert_eq!(
+            hash_cost("$2a$31$abcdefghijklmnopqrstuuabcdefghijklmnopqrstuvwxyz01234"),
+            Some(31)
+        );
+        assert_eq!(hash_cost("plain text"), None);
+        assert_eq!(hash_cost("$2b$x$"), None);
     }
 
     #[test]

@@ -42,6 +42,14 @@ struct Server {
     _dir: tempfile::TempDir,
 }
 
+impl Drop for Server {
+    /// A failed test must not leave its server running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn start_under(limits: &str) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let bin = env!("CARGO_BIN_EXE_chatserver");

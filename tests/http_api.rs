@@ -303,6 +303,58 @@ fn login_failures_are_401_invalid_credentials() {
     .expect_error(401);
 }
 
+/// A stored hash of absurd cost (corrupt, or planted in a database the
+/// server took over) is refused at once instead of occupying a hash thread
+/// for days; logins of other users go on.
+#[test]
+fn login_against_a_hash_of_absurd_cost_is_refused_quickly() {
+    let s = Server::start_with(&[("WORKERS", "2")]);
+    let heavy = uniq("heavy");
+    let light = uniq("light");
+    s.register(&heavy, PASSWORD);
+    s.register(&light, PASSWORD);
+    let db = rusqlite::Connection::open(s.data_dir().join("chatconnect.db"))
+        .expect("open the database beside the server");
+    // The user's own hash, well formed, with its cost raised to the maximum.
+    let own: String = db
+        .query_row(
+            "SELECT password_hash FROM users WHERE username = ?1",
+            [&heavy],
+            |r| r.get(0),
+        )
+        .expect("read the hash");
+    let cost = &own[3..7];
+    assert!(cost.starts_with('$') && cost.ends_with('$'), "{own}");
+    let planted = format!("{}$31${}", &own[..3], &own[7..]);
+    let changed = db
+        .execute(
+            "UPDATE users SET password_hash = ?1 WHERE username = ?2",
+            rusqlite::params![planted, heavy],
+        )
+        .expect("plant the hash");
+    assert_eq!(changed, 1);
+    for _ in 0..3 {
+        let t = Instant::now();
+        s.post(
+            "/login",
+            &json!({"username": heavy, "password_hash": PASSWORD}),
+        )
+        .expect_error_text(401, "Invalid credentials");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            t.elapsed()
+        );
+    }
+    // Both hash threads are free: a normal login still works.
+    s.login(&light, PASSWORD);
+    assert!(
+        s.log_text().contains("bcrypt cost above 16"),
+        "{}",
+        s.log_text()
+    );
+}
+
 #[test]
 fn login_rejects_bad_bodies() {
     let s = Server::start();
