@@ -294,6 +294,9 @@ fn mongo_duplicate_usernames_at_start_are_logged_and_still_taken() {
             doc! {"username": "triplet", "password_hash": h("triplet password")},
             doc! {"username": "triplet", "password_hash": h("triplet password")},
             doc! {"username": "loner", "password_hash": h("loner password")},
+            // Users of the original without a usable hash.
+            doc! {"username": "hashless"},
+            doc! {"username": "numeric", "password_hash": 12345},
         ])
         .run()
         .expect("seed users");
@@ -328,17 +331,47 @@ fn mongo_duplicate_usernames_at_start_are_logged_and_still_taken() {
     }
     s.login("triplet", "triplet password");
     s.login("loner", "loner password");
+    for name in ["hashless", "numeric"] {
+        s.post("/register", &creds(name, PASSWORD))
+            .expect_error_text(409, "Username already taken");
+        s.post("/login", &creds(name, PASSWORD))
+            .expect_error_text(401, "Invalid credentials");
+    }
     s.register("newcomer", PASSWORD);
     s.post("/register", &creds("newcomer", PASSWORD))
         .expect_error_text(409, "Username already taken");
     assert_eq!(
         db.coll("users")
-            .count_documents(doc! {"username": {"$in": ["twin", "triplet", "loner", "newcomer"]}})
+            .count_documents(doc! {"username": {"$in": [
+                "twin", "triplet", "loner", "newcomer", "hashless", "numeric"
+            ]}})
             .run()
             .unwrap(),
-        7,
+        9,
         "a refused registration must not insert"
     );
+    // Without the unique index, registrations of one new name racing each
+    // other still make one user.
+    for round in 0..5 {
+        let name = format!("racer{round}");
+        let statuses: Vec<u16> = thread::scope(|sc| {
+            let hs: Vec<_> = (0..6)
+                .map(|_| sc.spawn(|| s.post("/register", &creds(&name, PASSWORD)).status))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let made = db
+            .coll("users")
+            .count_documents(doc! {"username": &name})
+            .run()
+            .unwrap();
+        assert_eq!(made, 1, "{name}: {statuses:?}");
+        assert_eq!(
+            statuses.iter().filter(|&&c| c == 200).count(),
+            1,
+            "{name}: {statuses:?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -605,6 +638,47 @@ fn two_server_processes_share_one_database() {
     }
 }
 
+/// Process B deletes a room and creates it again while process A still
+/// has a member in it (processes do not tell each other about deletes). A's
+/// next message goes into the new room numbered after B's messages there,
+/// not after what A remembered of the old room, which would put it out of
+/// order and make a member resuming after it miss B's next messages.
+#[test]
+fn a_room_created_again_by_another_process_numbers_on_from_its_own_messages() {
+    let db = TestDb::new("recreate");
+    let sa = start(&db, &[("WS_RATE_LIMIT", "0")]);
+    let sb = start(&db, &[("WS_RATE_LIMIT", "0")]);
+    let r = sa.post("/rooms", &json!({"name": "Again", "username": "alice"}));
+    assert_eq!(r.status, 201, "{r:?}");
+    let mut ca = sa.ws("Again", "alice");
+    for i in 0..20 {
+        ca.round_trip(&format!("old{i}"), WAIT);
+    }
+    let r = sb.delete("/rooms?name=Again&username=alice");
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = sb.post("/rooms", &json!({"name": "Again", "username": "bob"}));
+    assert_eq!(r.status, 201, "{r:?}");
+    let mut cb = sb.ws("Again", "bob");
+    for i in 0..3 {
+        cb.round_trip(&format!("b-first{i}"), WAIT);
+    }
+    let middle = ca.round_trip("a-middle", WAIT);
+    assert_eq!(middle["seq"], 4, "{middle}\n--- A ---\n{}", sa.log_text());
+    for i in 0..3 {
+        cb.round_trip(&format!("b-last{i}"), WAIT);
+    }
+    let hist = full_history(&sb, "Again");
+    assert_eq!(
+        contents(&hist),
+        ["b-first0", "b-first1", "b-first2", "a-middle", "b-last0", "b-last1", "b-last2"]
+    );
+    assert_eq!(seqs(&hist), (1..=7).collect::<Vec<i64>>());
+    // A member resuming after the message it saw last misses nothing.
+    let mut c = sa.ws_path("/ws/Again?username=carol&since=4");
+    let resumed = c.recv_n(3, WAIT);
+    assert_eq!(contents(&resumed), ["b-last0", "b-last1", "b-last2"]);
+}
+
 /// Echoes as runs of consecutive seqs: "seq a..b: content x..y".
 fn echo_runs(echoes: &[Value]) -> String {
     let mut runs: Vec<String> = Vec::new();
@@ -834,6 +908,41 @@ fn server_starts_without_the_database_and_recovers() {
         );
         thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The database comes back empty (a new server on the same address, as
+/// after losing its volume): the server creates its indexes again before
+/// storing, so numbers stay unique.
+#[test]
+fn indexes_are_created_again_when_the_database_comes_back_empty() {
+    let first = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let mut ferret = FerretInstance::start(first.path(), port);
+    let db = unique_db("wiped");
+    let s = Server::start_with(&[
+        ("MONGO_URI", &ferret.uri()),
+        ("MONGO_DB", &db),
+        ("MONGO_TIMEOUT", "2s"),
+    ]);
+    wait_ready(&s, Duration::from_secs(20));
+    let mut alice = s.ws("Wiped", "alice");
+    alice.round_trip("before", WAIT);
+    assert_required_indexes(&mongo::database(&ferret.uri(), &db));
+
+    ferret.stop();
+    let second = tempfile::tempdir().expect("temp dir");
+    let _fresh = FerretInstance::start(second.path(), port);
+    assert!(
+        !missing_indexes(&mongo::database(&ferret.uri(), &db)).is_empty(),
+        "the new database should start without indexes"
+    );
+    wait_ready(&s, Duration::from_secs(20));
+    // The room is gone with the old database; a new join makes it again.
+    drop(alice);
+    let mut bob = s.ws("Wiped", "bob");
+    let m = bob.round_trip("after", Duration::from_secs(10));
+    assert_eq!(m["seq"], 1, "{m}");
+    assert_required_indexes(&mongo::database(&ferret.uri(), &db));
 }
 
 #[test]

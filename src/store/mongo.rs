@@ -19,15 +19,18 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mongodb::bson::oid::ObjectId;
 use mongodb::bson::{doc, Bson, DateTime, Document};
 use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
+use mongodb::event::sdam::SdamEvent;
+use mongodb::event::EventHandler;
 use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::sync::{Client, Collection, Database};
 use mongodb::IndexModel;
+use mongodb::ServerType;
 
 use super::{
     append_each, DeleteOutcome, Millis, NewMessage, Room, RoomBatch, Store, StoreError,
@@ -49,13 +52,24 @@ pub struct MongoStore {
     rooms: Collection<Document>,
     messages: Collection<Document>,
     /// Indexes exist (created at start, or by the first call after the
-    /// database came back).
-    prepared: AtomicBool,
+    /// database came back). Cleared whenever the driver loses the server,
+    /// since the database that comes back may be a new, empty one.
+    prepared: Arc<AtomicBool>,
+    /// Usernames and room names have unique indexes. Without one (the
+    /// database already held duplicates), creating a user or a room is a
+    /// lookup then an insert, and `claims` makes that pair one step for
+    /// this process's threads.
+    users_unique: AtomicBool,
+    rooms_unique: AtomicBool,
+    claims: Mutex<()>,
     /// Rooms whose legacy messages are numbered, in this process.
     numbered: Mutex<HashSet<String>>,
-    /// Highest `seq` this process knows per room: a guess that saves a
-    /// query per batch; a wrong guess costs one retry.
-    last_seq: Mutex<HashMap<String, i64>>,
+    /// Highest `seq` this process knows per room, with the `_id` of the
+    /// room document it belongs to: a guess that saves a query per batch; a
+    /// guess too low costs one retry. A room deleted and created again by
+    /// another process has a new `_id`, so the guess of the old room (too
+    /// high, which no clash would reveal) is not used for it.
+    last_seq: Mutex<HashMap<String, (Bson, i64)>>,
 }
 
 fn unavailable(e: MongoError) -> StoreError {
@@ -78,6 +92,21 @@ fn error_code(e: &MongoError) -> Option<i32> {
 /// The driver gave up before sending anything (no server to send to).
 fn never_sent(e: &MongoError) -> bool {
     matches!(*e.kind, ErrorKind::ServerSelection { .. })
+}
+
+/// The highest `seq` numbering continues from. A legacy database could hold
+/// one near the top of the range, where adding a batch would wrap around
+/// and reorder the room; far below it, a batch never can.
+const SEQ_LIMIT: i64 = 1 << 62;
+
+/// The number after `last`, or an error once the room is past `SEQ_LIMIT`.
+fn seq_after(room: &str, last: i64) -> StoreResult<i64> {
+    if last >= SEQ_LIMIT {
+        return Err(StoreError::Unavailable(format!(
+            "room {room:?} has a message numbered {last}, too high to number after"
+        )));
+    }
+    Ok(last + 1)
 }
 
 fn is_duplicate(e: &MongoError) -> bool {
@@ -164,6 +193,20 @@ impl MongoStore {
         options.app_name = Some("chatconnect".into());
         options.server_selection_timeout = Some(timeout);
         options.connect_timeout = Some(timeout);
+        let prepared = Arc::new(AtomicBool::new(false));
+        let lost = prepared.clone();
+        options.sdam_event_handler = Some(EventHandler::callback(move |event: SdamEvent| {
+            let gone = match &event {
+                SdamEvent::ServerHeartbeatFailed(_) => true,
+                SdamEvent::ServerDescriptionChanged(c) => {
+                    c.new_description.server_type() == ServerType::Unknown
+                }
+                _ => false,
+            };
+            if gone {
+                lost.store(false, Ordering::SeqCst);
+            }
+        }));
         let client = Client::with_options(options).map_err(unavailable)?;
         let db = client.database(db);
         Ok(MongoStore {
@@ -171,7 +214,10 @@ impl MongoStore {
             rooms: db.collection("rooms"),
             messages: db.collection("messages"),
             db,
-            prepared: AtomicBool::new(false),
+            prepared,
+            users_unique: AtomicBool::new(true),
+            rooms_unique: AtomicBool::new(true),
+            claims: Mutex::new(()),
             numbered: Mutex::new(HashSet::new()),
             last_seq: Mutex::new(HashMap::new()),
         })
@@ -190,8 +236,10 @@ impl MongoStore {
     /// duplicates of a unique key (the original had no unique indexes) gets
     /// a plain index instead, and the duplicates are logged.
     pub fn prepare(&self) -> StoreResult<()> {
-        self.unique_or_report(&self.users, "username", "usernames")?;
-        self.unique_or_report(&self.rooms, "name", "room names")?;
+        let users = self.unique_or_report(&self.users, "username", "usernames")?;
+        self.users_unique.store(users, Ordering::SeqCst);
+        let rooms = self.unique_or_report(&self.rooms, "name", "room names")?;
+        self.rooms_unique.store(rooms, Ordering::SeqCst);
         // Legacy messages have no seq, so the unique index must leave them
         // out: a partial index where the server has them, else a sparse one
         // (FerretDB leaves documents without the field out of it).
@@ -237,15 +285,16 @@ impl MongoStore {
         Ok(())
     }
 
+    /// True when the unique index is in place.
     fn unique_or_report(
         &self,
         coll: &Collection<Document>,
         key: &str,
         what: &str,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<bool> {
         let unique = index(doc! { key: 1 }, &format!("{key}_unique"), true);
         let failure = match coll.create_index(unique).run() {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(true),
             Err(e) => e,
         };
         // MongoDB says 11000 when existing duplicates block a unique index;
@@ -263,7 +312,16 @@ impl MongoStore {
         coll.create_index(index(doc! { key: 1 }, &format!("{key}_lookup"), false))
             .run()
             .map_err(unavailable)?;
-        Ok(())
+        Ok(false)
+    }
+
+    /// Held while creating a user (`users`) or a room while no unique index
+    /// guards its name; `None` when one does.
+    fn claim(&self, unique: &AtomicBool) -> Option<std::sync::MutexGuard<'_, ()>> {
+        if unique.load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(self.claims.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Values of `key` held by more than one document, sorted.
@@ -297,8 +355,22 @@ impl MongoStore {
     fn room_doc(&self, name: &str) -> StoreResult<Option<Document>> {
         self.rooms
             .find_one(doc! { "name": name })
+            .sort(doc! { "_id": 1 })
             .run()
             .map_err(unavailable)
+    }
+
+    /// The `_id` of the room document named `name`: which room of that
+    /// name this is (the first, should a legacy database hold several).
+    fn room_key(&self, name: &str) -> StoreResult<Option<Bson>> {
+        let d = self
+            .rooms
+            .find_one(doc! { "name": name })
+            .sort(doc! { "_id": 1 })
+            .projection(doc! { "_id": 1 })
+            .run()
+            .map_err(unavailable)?;
+        Ok(d.and_then(|d| d.get("_id").cloned()))
     }
 
     /// Highest `seq` stored in a room (0 when none).
@@ -313,25 +385,31 @@ impl MongoStore {
         Ok(top.and_then(|d| int_field(&d, "seq")).unwrap_or(0))
     }
 
-    /// The seq a new message of `room` should get: after the highest this
-    /// process knows, else after the highest stored.
-    fn next_seq(&self, room: &str) -> StoreResult<i64> {
+    /// The seq a new message of `room` (the room document `key`) should
+    /// get: after the highest this process knows for that room document,
+    /// else after the highest stored.
+    fn next_seq(&self, room: &str, key: &Bson) -> StoreResult<i64> {
         let known = self
             .last_seq
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(room)
-            .copied();
-        Ok(match known {
-            Some(s) => s + 1,
-            None => self.max_seq(room)? + 1,
-        })
+            .and_then(|(k, seq)| (k == key).then_some(*seq));
+        let last = match known {
+            Some(s) => s,
+            None => self.max_seq(room)?,
+        };
+        seq_after(room, last)
     }
 
-    fn remember_seq(&self, room: &str, seq: i64) {
+    fn remember_seq(&self, room: &str, key: &Bson, seq: i64) {
         let mut map = self.last_seq.lock().unwrap_or_else(|p| p.into_inner());
-        let e = map.entry(room.to_owned()).or_insert(0);
-        *e = (*e).max(seq);
+        match map.get_mut(room) {
+            Some((k, known)) if k == key => *known = (*known).max(seq),
+            _ => {
+                map.insert(room.to_owned(), (key.clone(), seq));
+            }
+        }
     }
 
     fn forget_room(&self, room: &str) {
@@ -374,7 +452,7 @@ impl MongoStore {
                 "numbering {} earlier messages of room {room:?}",
                 legacy.len()
             );
-            let mut next = self.max_seq(room)? + 1;
+            let mut next = seq_after(room, self.max_seq(room)?)?;
             for id in legacy {
                 let mut attempts = 0;
                 loop {
@@ -392,13 +470,17 @@ impl MongoStore {
                         }
                         Err(e) if is_duplicate(&e) && attempts < MAX_ATTEMPTS => {
                             attempts += 1;
-                            next = self.max_seq(room)? + 1;
+                            next = seq_after(room, self.max_seq(room)?)?;
                         }
                         Err(e) => return Err(unavailable(e)),
                     }
                 }
             }
-            self.remember_seq(room, next - 1);
+            // Whatever this process guessed for the room is now too low.
+            self.last_seq
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(room);
         }
         self.numbered
             .lock()
@@ -437,19 +519,21 @@ impl MongoStore {
         }
     }
 
-    /// Names among `names` that have a room document (one query).
-    fn existing_rooms(&self, names: &[&str]) -> StoreResult<HashSet<String>> {
+    /// The names among `names` that have a room document, with its `_id`
+    /// as `room_key` gives it (one query).
+    fn existing_rooms(&self, names: &[&str]) -> StoreResult<HashMap<String, Bson>> {
         let cursor = self
             .rooms
             .find(doc! { "name": { "$in": names.to_vec() } })
-            .projection(doc! { "name": 1, "_id": 0 })
+            .sort(doc! { "_id": 1 })
+            .projection(doc! { "name": 1, "_id": 1 })
             .run()
             .map_err(unavailable)?;
-        let mut found = HashSet::new();
+        let mut found = HashMap::new();
         for d in cursor {
             let d = d.map_err(unavailable)?;
-            if let Ok(name) = d.get_str("name") {
-                found.insert(name.to_owned());
+            if let (Ok(name), Some(id)) = (d.get_str("name"), d.get("_id")) {
+                found.entry(name.to_owned()).or_insert_with(|| id.clone());
             }
         }
         Ok(found)
@@ -469,15 +553,15 @@ impl MongoStore {
         let mut docs: Vec<Document> = Vec::new();
         let mut ids: Vec<ObjectId> = Vec::new();
         for b in batches {
-            if !existing.contains(&b.room) {
+            let Some(key) = existing.get(&b.room) else {
                 results.push(Err(StoreError::NoSuchRoom));
                 continue;
-            }
+            };
             if let Err(e) = self.number_legacy(&b.room) {
                 results.push(Err(e));
                 continue;
             }
-            let next = match self.next_seq(&b.room) {
+            let next = match self.next_seq(&b.room, key) {
                 Ok(n) => n,
                 Err(e) => {
                     results.push(Err(e));
@@ -500,8 +584,9 @@ impl MongoStore {
         // Numbers of a failed write are not given out again (`take_back`).
         let retire_numbers = |results: &[StoreResult<Vec<StoredMessage>>]| {
             for (b, r) in batches.iter().zip(results) {
-                if let Some(last) = r.as_ref().ok().and_then(|s| s.last()) {
-                    self.remember_seq(&b.room, last.seq);
+                let last = r.as_ref().ok().and_then(|s| s.last());
+                if let (Some(last), Some(key)) = (last, existing.get(&b.room)) {
+                    self.remember_seq(&b.room, key, last.seq);
                 }
             }
         };
@@ -519,7 +604,7 @@ impl MongoStore {
             retire_numbers(&results);
             return Err(unavailable(e));
         }
-        match self.confirm_rooms(batches, &names, &mut results) {
+        match self.confirm_rooms(batches, &names, &existing, &mut results) {
             Ok(()) => Ok(Some(results)),
             Err(e) => {
                 let _ = self.take_back(&ids);
@@ -529,13 +614,14 @@ impl MongoStore {
         }
     }
 
-    /// After a multi-room insert: a room deleted while it was written loses
-    /// what was written into it, as in `append_messages`; the others
-    /// remember their new numbers.
+    /// After a multi-room insert: a room deleted (or deleted and created
+    /// again) while it was written loses what was written into it, as in
+    /// `append_messages`; the others remember their new numbers.
     fn confirm_rooms(
         &self,
         batches: &[RoomBatch],
         names: &[&str],
+        before: &HashMap<String, Bson>,
         results: &mut [StoreResult<Vec<StoredMessage>>],
     ) -> StoreResult<()> {
         let still = self.existing_rooms(names)?;
@@ -546,8 +632,11 @@ impl MongoStore {
             let Some(last) = stored.last() else {
                 continue;
             };
-            if still.contains(&b.room) {
-                self.remember_seq(&b.room, last.seq);
+            if let Some(key) = still
+                .get(&b.room)
+                .filter(|k| before.get(&b.room) == Some(*k))
+            {
+                self.remember_seq(&b.room, key, last.seq);
                 continue;
             }
             let seqs: Vec<i64> = stored.iter().map(|m| m.seq).collect();
@@ -568,11 +657,12 @@ impl MongoStore {
     fn insert_numbered(
         &self,
         room: &str,
+        key: &Bson,
         batch: &[NewMessage],
         sent: &mut Vec<ObjectId>,
         top: &mut i64,
     ) -> StoreResult<Vec<StoredMessage>> {
-        let mut next = self.next_seq(room)?;
+        let mut next = self.next_seq(room, key)?;
         let mut stored: Vec<StoredMessage> = Vec::with_capacity(batch.len());
         let mut rest = batch;
         let mut attempts = 0;
@@ -622,15 +712,16 @@ impl MongoStore {
             next = if rest.is_empty() {
                 next + placed as i64
             } else {
-                self.max_seq(room)? + 1
+                seq_after(room, self.max_seq(room)?)?
             };
         }
-        // A delete may have removed the room while the batch was written:
+        // A delete may have removed the room while the batch was written
+        // (and another process may have created a new one of that name):
         // the caller takes the batch back out so nothing outlives its room.
-        if self.room_doc(room)?.is_none() {
+        if self.room_key(room)?.as_ref() != Some(key) {
             return Err(StoreError::NoSuchRoom);
         }
-        self.remember_seq(room, next - 1);
+        self.remember_seq(room, key, next - 1);
         Ok(stored)
     }
 
@@ -696,8 +787,16 @@ impl Store for MongoStore {
     fn create_user(&self, username: &str, password_hash: &str) -> StoreResult<()> {
         self.ensure_prepared()?;
         // The unique index decides races; the lookup covers a database whose
-        // duplicates kept that index from being built.
-        if self.password_hash(username)?.is_some() {
+        // duplicates kept that index from being built, and a user document
+        // of the original without a usable hash (the name is still taken).
+        let _claim = self.claim(&self.users_unique);
+        let taken = self
+            .users
+            .find_one(doc! { "username": username })
+            .projection(doc! { "_id": 1 })
+            .run()
+            .map_err(unavailable)?;
+        if taken.is_some() {
             return Err(StoreError::Conflict);
         }
         match self
@@ -717,12 +816,15 @@ impl Store for MongoStore {
             .find_one(doc! { "username": username })
             .run()
             .map_err(unavailable)?;
-        Ok(user.and_then(|d| d.get_str("password_hash").ok().map(str::to_owned)))
+        // A user whose document has no string hash exists but cannot log
+        // in: an empty hash never verifies.
+        Ok(user.map(|d| d.get_str("password_hash").unwrap_or_default().to_owned()))
     }
 
     fn create_room(&self, room: &Room) -> StoreResult<()> {
         self.ensure_prepared()?;
         // As for users: the lookup covers a database without the unique index.
+        let _claim = self.claim(&self.rooms_unique);
         if self.room_doc(&room.name)?.is_some() {
             return Err(StoreError::Conflict);
         }
@@ -737,6 +839,7 @@ impl Store for MongoStore {
 
     fn ensure_room(&self, room: &Room) -> StoreResult<Room> {
         self.ensure_prepared()?;
+        let claim = self.claim(&self.rooms_unique);
         let created = match self
             .rooms
             .update_one(
@@ -751,6 +854,7 @@ impl Store for MongoStore {
             Err(e) if is_duplicate(&e) => false,
             Err(e) => return Err(unavailable(e)),
         };
+        drop(claim);
         if created {
             self.forget_room(&room.name);
             self.purge_leftovers(room)?;
@@ -812,13 +916,13 @@ impl Store for MongoStore {
             return Ok(Vec::new());
         }
         self.ensure_prepared()?;
-        if self.room_doc(room)?.is_none() {
+        let Some(key) = self.room_key(room)? else {
             return Err(StoreError::NoSuchRoom);
-        }
+        };
         self.number_legacy(room)?;
         let mut sent = Vec::with_capacity(batch.len());
         let mut top = 0;
-        let outcome = self.insert_numbered(room, batch, &mut sent, &mut top);
+        let outcome = self.insert_numbered(room, &key, batch, &mut sent, &mut top);
         match &outcome {
             Ok(_) => {}
             Err(_) if sent.is_empty() => {}
@@ -828,7 +932,7 @@ impl Store for MongoStore {
             }
             Err(_) => {
                 let _ = self.take_back(&sent);
-                self.remember_seq(room, top);
+                self.remember_seq(room, &key, top);
             }
         }
         outcome
