@@ -419,3 +419,40 @@ fn processes_started_together_on_a_fresh_data_dir_all_start() {
         }
     }
 }
+
+/// A database file of another program (a `users` table without our
+/// columns) is refused at start with the file named, instead of starting
+/// and failing every call.
+#[test]
+fn a_database_of_another_program_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let db = rusqlite::Connection::open(data.join("chatconnect.db")).unwrap();
+    db.execute_batch("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT);")
+        .unwrap();
+    drop(db);
+    let data_s = data.to_str().unwrap();
+    let (status, out, err) = run_binary(&[], &[("DATA_DIR", data_s)], Duration::from_secs(20));
+    let text = format!("{out}{err}");
+    assert!(!status.success(), "started anyway:\n{text}");
+    assert!(text.contains("chatconnect.db"), "{text}");
+    assert!(text.contains("password_hash"), "{text}");
+    assert!(!text.contains("listening on"), "{text}");
+}
+
+/// The database file removed while the server runs: everything written
+/// after that would be lost at the next start, so `/readyz` says so.
+#[test]
+fn readyz_fails_once_the_database_file_is_removed() {
+    let s = Server::start();
+    assert_eq!(s.get("/readyz").status, 200);
+    std::fs::remove_file(s.data_dir().join("chatconnect.db")).expect("remove the database");
+    let r = s.get("/readyz");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(
+        s.log_text().contains("removed or replaced"),
+        "{}",
+        s.log_text()
+    );
+}

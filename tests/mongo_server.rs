@@ -679,6 +679,99 @@ fn a_room_created_again_by_another_process_numbers_on_from_its_own_messages() {
     assert_eq!(contents(&resumed), ["b-last0", "b-last1", "b-last2"]);
 }
 
+/// A legacy `seq` that is not a number (a string here) neither blocks its
+/// room nor confuses the numbering: joins, history and new messages work,
+/// and new numbers come after every numeric one.
+#[test]
+fn a_legacy_seq_that_is_not_a_number_does_not_block_its_room() {
+    let db = TestDb::new("oddseq");
+    db.coll("rooms")
+        .insert_one(
+            doc! {"name": "Odd", "creator": "gopher", "created_at": DateTime::from_millis(1_000)},
+        )
+        .run()
+        .expect("seed room");
+    db.coll("messages")
+        .insert_many(vec![
+            doc! {"room_id": "Odd", "username": "gopher", "content": "numbered", "timestamp": DateTime::from_millis(2_000), "seq": 1},
+            doc! {"room_id": "Odd", "username": "gopher", "content": "stringly", "timestamp": DateTime::from_millis(3_000), "seq": "2"},
+            doc! {"room_id": "Odd", "username": "gopher", "content": "unnumbered", "timestamp": DateTime::from_millis(4_000)},
+        ])
+        .run()
+        .expect("seed messages");
+    let s = start(&db, &[]);
+    let hist = s.messages("Odd", "");
+    assert!(
+        contents(&hist).contains(&"unnumbered".to_string()),
+        "{hist:?}"
+    );
+    let mut bob = s.ws("Odd", "bob");
+    let joined = bob.recv_n(3, WAIT);
+    assert!(
+        joined.iter().all(|m| m.get("code").is_none()),
+        "{joined:?}\n{}",
+        s.log_text()
+    );
+    let echo = bob.round_trip("fresh", WAIT);
+    let top = db
+        .coll("messages")
+        .find(doc! {"room_id": "Odd", "content": {"$ne": "fresh"}})
+        .run()
+        .expect("find")
+        .filter_map(|d| d.ok()?.get("seq").and_then(Bson::as_i32).map(i64::from))
+        .chain(
+            db.coll("messages")
+                .find(doc! {"room_id": "Odd", "content": {"$ne": "fresh"}})
+                .run()
+                .expect("find")
+                .filter_map(|d| d.ok()?.get("seq").and_then(Bson::as_i64)),
+        )
+        .max()
+        .expect("numbered messages");
+    assert!(
+        echo["seq"].as_i64().expect("seq") > top,
+        "{echo} not after {top}"
+    );
+}
+
+/// A room of more messages than FerretDB deletes in one statement is
+/// deleted whole, and a new room of that name starts empty.
+#[test]
+fn a_room_of_many_messages_is_deleted_whole() {
+    const N: usize = 33_000;
+    let db = TestDb::new("bigroom");
+    db.coll("rooms")
+        .insert_one(
+            doc! {"name": "Big", "creator": "alice", "created_at": DateTime::from_millis(1_000)},
+        )
+        .run()
+        .expect("seed room");
+    let docs: Vec<Document> = (0..N)
+        .map(|i| {
+            doc! {"room_id": "Big", "username": "alice", "content": format!("m{i}"),
+            "timestamp": DateTime::from_millis(2_000 + i as i64), "seq": (i + 1) as i64}
+        })
+        .collect();
+    for chunk in docs.chunks(5_000) {
+        db.coll("messages")
+            .insert_many(chunk.to_vec())
+            .run()
+            .expect("seed messages");
+    }
+    let s = start(&db, &[]);
+    let r = s.delete("/rooms?name=Big&username=alice");
+    assert_eq!(r.status, 200, "{r:?}\n{}", s.log_text());
+    let left = db
+        .coll("messages")
+        .count_documents(doc! {"room_id": "Big"})
+        .run()
+        .expect("count");
+    assert_eq!(left, 0);
+    let r = s.post("/rooms", &json!({"name": "Big", "username": "bob"}));
+    assert_eq!(r.status, 201, "{r:?}");
+    assert!(s.messages("Big", "").is_empty());
+}
+
 /// Echoes as runs of consecutive seqs: "seq a..b: content x..y".
 fn echo_runs(echoes: &[Value]) -> String {
     let mut runs: Vec<String> = Vec::new();

@@ -377,7 +377,9 @@ impl MongoStore {
     fn max_seq(&self, room: &str) -> StoreResult<i64> {
         let top = self
             .messages
-            .find_one(doc! { "room_id": room, "seq": { "$exists": true } })
+            // Only numbers count: a legacy document with, say, a string seq
+            // would sort above them all and read as 0.
+            .find_one(doc! { "room_id": room, "seq": { "$type": "number" } })
             .sort(doc! { "seq": -1 })
             .projection(doc! { "seq": 1 })
             .run()
@@ -496,19 +498,53 @@ impl MongoStore {
             "room_id": &room.name,
             "timestamp": { "$lt": DateTime::from_millis(room.created_at) },
         };
-        let gone = self
-            .messages
-            .delete_many(leftovers)
-            .run()
-            .map_err(unavailable)?;
-        if gone.deleted_count > 0 {
+        let gone = self.delete_messages(leftovers)?;
+        if gone > 0 {
             log::info!(
-                "removed {} messages left behind by an earlier room {:?}",
-                gone.deleted_count,
+                "removed {gone} messages left behind by an earlier room {:?}",
                 room.name
             );
         }
         Ok(())
+    }
+
+    /// Delete the messages matching `filter`. FerretDB's SQLite backend
+    /// fails a `delete_many` over more than 32,766 documents ("too many SQL
+    /// variables"), which would leave a big room's history behind for the
+    /// next room of that name: when the whole delete fails, the oldest
+    /// 10,000 (by `_id`) go first, then the whole is tried again.
+    fn delete_messages(&self, filter: Document) -> StoreResult<u64> {
+        const CHUNK: u64 = 10_000;
+        let mut total = 0;
+        loop {
+            let whole = match self.messages.delete_many(filter.clone()).run() {
+                Ok(r) => return Ok(total + r.deleted_count),
+                Err(e) => e,
+            };
+            let boundary = self
+                .messages
+                .find_one(filter.clone())
+                .sort(doc! { "_id": 1 })
+                .skip(CHUNK - 1)
+                .projection(doc! { "_id": 1 })
+                .run()
+                .map_err(unavailable)?
+                .and_then(|d| d.get("_id").cloned());
+            // Fewer than a chunk: the failure was not about the size.
+            let Some(boundary) = boundary else {
+                return Err(unavailable(whole));
+            };
+            let chunk = doc! { "$and": [filter.clone(), { "_id": { "$lte": boundary } }] };
+            let gone = self
+                .messages
+                .delete_many(chunk)
+                .run()
+                .map_err(unavailable)?;
+            if gone.deleted_count == 0 {
+                return Err(unavailable(whole));
+            }
+            total += gone.deleted_count;
+        }
     }
 
     fn room_document(room: &Room) -> Document {
@@ -900,10 +936,7 @@ impl Store for MongoStore {
             .run()
             .map_err(unavailable)?;
         self.forget_room(name);
-        self.messages
-            .delete_many(doc! { "room_id": name })
-            .run()
-            .map_err(unavailable)?;
+        self.delete_messages(doc! { "room_id": name })?;
         Ok(if removed.deleted_count > 0 {
             DeleteOutcome::Deleted
         } else {

@@ -52,10 +52,32 @@ pub struct SqliteStore {
     /// naps), so this process's writers queue here instead and each starts
     /// the moment the previous one commits.
     writer: Mutex<()>,
+    /// Device and inode of the database file when it was opened.
+    file: Option<(u64, u64)>,
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 fn unavailable(err: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(err.to_string())
+}
+
+/// The tables have the columns this server reads and writes. `CREATE TABLE
+/// IF NOT EXISTS` leaves a table of another program's alone, so a database
+/// of someone else's (or a broken one) is refused here, at start and by
+/// `/readyz`, instead of failing every call.
+fn check_shape(conn: &Connection) -> rusqlite::Result<()> {
+    for sql in [
+        "SELECT username, password_hash FROM users LIMIT 0",
+        "SELECT id, name, creator, created_at, last_seq FROM rooms LIMIT 0",
+        "SELECT room_id, seq, username, content, timestamp FROM messages LIMIT 0",
+    ] {
+        conn.prepare_cached(sql)?;
+    }
+    Ok(())
 }
 
 /// Another connection holds a lock this step needs.
@@ -77,10 +99,11 @@ impl SqliteStore {
                 dir.display()
             ))
         })?;
-        let store = SqliteStore {
+        let mut store = SqliteStore {
             path: dir.join(DB_FILE),
             idle: Mutex::new(Vec::new()),
             writer: Mutex::new(()),
+            file: None,
         };
         // Another process creating the same database at this moment (while
         // it switches the file to WAL or writes the schema) makes these steps
@@ -90,6 +113,7 @@ impl SqliteStore {
             match store.prepare() {
                 Ok(conn) => {
                     store.put(conn);
+                    store.file = file_id(&store.path);
                     return Ok(store);
                 }
                 Err(Ok(e)) if is_busy(&e) && Instant::now() < deadline => {
@@ -124,12 +148,18 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA).map_err(Ok)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(Ok)?;
+        check_shape(&conn).map_err(Ok)?;
         Ok(conn)
     }
 
     /// Where the database lives.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The file at `path` is still the one opened at start.
+    fn same_file(&self) -> bool {
+        file_id(&self.path).is_some_and(|id| Some(id) == self.file)
     }
 
     fn connect(&self) -> StoreResult<Connection> {
@@ -255,7 +285,13 @@ fn append_in(
 
 impl Store for SqliteStore {
     fn ping(&self) -> StoreResult<()> {
-        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable))
+        if !self.same_file() {
+            return Err(StoreError::Unavailable(format!(
+                "{} was removed or replaced while the server ran; restart it",
+                self.path.display()
+            )));
+        }
+        self.with(|c| check_shape(c).map_err(unavailable))
     }
 
     fn create_user(&self, username: &str, password_hash: &str) -> StoreResult<()> {
