@@ -264,6 +264,9 @@ impl Reactor {
             // An unknown user costs one verification too, so the answer's
             // timing does not tell which names exist.
             let cost_limit = cost.max(auth::MAX_VERIFY_COST);
+            // A stored value that is no bcrypt hash (an account of the
+            // original without one) is treated like an unknown user.
+            let stored = stored.filter(|h| auth::hash_cost(h).is_some());
             let ok = match &stored {
                 Some(hash) if auth::hash_cost(hash).is_some_and(|c| c > cost_limit) => {
                     log::warn!(

@@ -160,7 +160,21 @@ pub fn load_secret(configured: Option<&str>, data_dir: &Path) -> Result<Vec<u8>,
         std::process::id(),
         &hex[..8]
     ));
-    let linked = write_private(&tmp, hex.as_bytes()).and_then(|_| std::fs::hard_link(&tmp, &path));
+    let linked = write_private(&tmp, hex.as_bytes()).and_then(|_| {
+        match std::fs::hard_link(&tmp, &path) {
+            // A file system without hard links (vfat, some network mounts):
+            // create the file in place, as before, with the small race
+            // between two processes starting at once that this avoids.
+            Err(e) if cannot_link(&e) && !path.exists() => {
+                log::warn!(
+                    "cannot link {} into place ({e}); writing it directly",
+                    path.display()
+                );
+                write_private(&path, hex.as_bytes())
+            }
+            other => other,
+        }
+    });
     let _ = std::fs::remove_file(&tmp);
     match linked {
         Ok(()) => {
@@ -178,6 +192,14 @@ pub fn load_secret(configured: Option<&str>, data_dir: &Path) -> Result<Vec<u8>,
             path.display()
         )),
     }
+}
+
+/// The file system does not do hard links.
+fn cannot_link(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPERM | libc::EOPNOTSUPP | libc::ENOSYS)
+    )
 }
 
 /// The secret kept at `path`, `None` if there is none yet.

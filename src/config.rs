@@ -204,8 +204,9 @@ impl Config {
 }
 
 /// The longest duration any setting takes: timers are added to the clock,
-/// and ten years keeps every sum far from overflowing.
-const LONGEST: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// and ten years keeps every sum far from overflowing. A year as humantime
+/// counts it (365.25 days), so that `10y` is accepted.
+const LONGEST: Duration = Duration::from_secs(10 * 31_557_600);
 
 /// `30s`, `500ms`, `24h`, `1h 30m`; a bare number is seconds. Zero is
 /// allowed; more than ten years is not.
@@ -289,6 +290,7 @@ mod tests {
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
         assert!(parse_duration("18446744073709551615s").is_err());
         assert!(parse_duration("11 years").is_err());
+        assert!(parse_duration("10y").is_ok());
         assert!(parse_interval("0s").is_err());
         assert_eq!(parse_interval("10ms").unwrap(), Duration::from_millis(10));
         assert!(parse_ttl("999ms").is_err());

@@ -134,6 +134,13 @@ fn prepare_in_background(mongo: Arc<store::mongo::MongoStore>) {
                 match mongo.prepare() {
                     Ok(()) => {
                         log::info!("MongoDB indexes ready");
+                        match mongo.number_all_legacy() {
+                            Ok(0) => {}
+                            Ok(n) => log::info!("numbered the earlier messages of {n} rooms"),
+                            Err(e) => log::warn!(
+                                "numbering earlier messages stopped ({e}); rooms are numbered on first use"
+                            ),
+                        }
                         return;
                     }
                     Err(e) => {

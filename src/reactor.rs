@@ -1508,17 +1508,10 @@ impl Reactor {
             }
             Err(e) => {
                 log::warn!("batch of {} not stored: {e}", senders.len());
-                let mut told: Vec<ConnRef> = Vec::new();
-                for s in senders {
-                    if !told.contains(&s) && self.live(s) {
-                        told.push(s);
-                        self.send_error(
-                            s.token,
-                            "store_unavailable",
-                            "message not stored: the store is unavailable; try again",
-                        );
-                    }
-                }
+                self.tell_not_stored(
+                    senders,
+                    "message not stored: the store is unavailable; try again",
+                );
             }
         }
         let mut deferred = Vec::new();
@@ -1736,35 +1729,28 @@ impl Reactor {
 
     /// Half-way through the shutdown timeout: the messages not yet handed
     /// to the store are dropped, and their senders told so before the 1001
-    /// close, so that none vanishes silently. A batch already being written
-    /// may still be stored; it is then in the history for a reconnect.
+    /// close. A batch already being written is not: it is stored if its
+    /// write finishes before the process exits (then it is in the history
+    /// for a reconnect with `since`), and lost if it does not.
     fn refuse_pending(&mut self) {
         let mut senders: Vec<ConnRef> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        let mut dropped = 0;
         for key in self.rooms.keys() {
             if let Some(room) = self.rooms.get_mut(key) {
-                dropped += room.pending.len();
-                for p in room.pending.drain(..) {
-                    if seen.insert(p.sender) {
-                        senders.push(p.sender);
-                    }
-                }
+                senders.extend(room.pending.drain(..).map(|p| p.sender));
             }
         }
-        if dropped > 0 {
-            log::warn!(
-                "shutdown: {dropped} messages not stored; telling their {} senders",
-                senders.len()
-            );
+        if !senders.is_empty() {
+            log::warn!("shutdown: {} messages not stored", senders.len());
         }
+        self.tell_not_stored(senders, "message not stored: the server is shutting down");
+    }
+
+    /// A `store_unavailable` frame to each live sender, once per sender.
+    fn tell_not_stored(&mut self, senders: Vec<ConnRef>, text: &str) {
+        let mut told = std::collections::HashSet::new();
         for s in senders {
-            if self.live(s) {
-                self.send_error(
-                    s.token,
-                    "store_unavailable",
-                    "message not stored: the server is shutting down",
-                );
+            if told.insert(s) && self.live(s) {
+                self.send_error(s.token, "store_unavailable", text);
             }
         }
     }

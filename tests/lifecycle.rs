@@ -181,13 +181,22 @@ fn sigterm_with_a_stuck_store_tells_senders_and_keeps_its_timeout() {
     lock.execute_batch("BEGIN IMMEDIATE")
         .expect("take the write lock");
     // The first is being written (waiting for the lock), the rest wait for
-    // it.
+    // it. The loop hands a message to the store in the pass that read it,
+    // so once /metrics (answered in a later pass) counts m0, it is out.
     a.send_content("m0");
-    std::thread::sleep(Duration::from_millis(200));
+    let deadline = Instant::now() + WAIT;
+    while metric_value(&s.metrics(), "chatconnect_messages_received_total") < Some(2.0) {
+        assert!(Instant::now() < deadline, "m0 never arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     for i in 1..5 {
         a.send_content(&format!("m{i}"));
     }
-    std::thread::sleep(Duration::from_millis(200));
+    let deadline = Instant::now() + WAIT;
+    while metric_value(&s.metrics(), "chatconnect_messages_received_total") < Some(6.0) {
+        assert!(Instant::now() < deadline, "m1..m4 never arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let t = Instant::now();
     s.sigterm();
     let mut errors = Vec::new();
@@ -210,10 +219,11 @@ fn sigterm_with_a_stuck_store_tells_senders_and_keeps_its_timeout() {
         s.log_text()
     );
     drop(a);
-    let status = s.wait_exit(Duration::from_secs(4));
+    let status = s.wait_exit(Duration::from_secs(5));
     assert!(status.success(), "exit status {status}\n{}", s.log_text());
+    // The stuck write would hold the old code until its 5 s busy timeout.
     assert!(
-        t.elapsed() < Duration::from_millis(3000),
+        t.elapsed() < Duration::from_millis(3800),
         "shutdown took {:?} with SHUTDOWN_TIMEOUT=2s\n{}",
         t.elapsed(),
         s.log_text()
@@ -394,18 +404,29 @@ fn processes_started_together_on_a_fresh_data_dir_all_start() {
                     .expect("spawn chatserver")
             })
             .collect();
-        let outcomes: Vec<Result<(), String>> = children
-            .iter_mut()
-            .map(|c| {
-                let lines = std::io::BufReader::new(c.stderr.take().expect("stderr")).lines();
+        // Each process either says where it listens or exits; a reader
+        // thread per process reports which, and a deadline covers neither.
+        let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        for c in &mut children {
+            let lines = std::io::BufReader::new(c.stderr.take().expect("stderr")).lines();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
                 let mut seen = Vec::new();
                 for line in lines.map_while(Result::ok) {
                     if line.contains("listening on") {
-                        return Ok(());
+                        let _ = tx.send(Ok(()));
+                        return;
                     }
                     seen.push(line);
                 }
-                Err(seen.join("\n"))
+                let _ = tx.send(Err(seen.join("\n")));
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let outcomes: Vec<Result<(), String>> = (0..children.len())
+            .map(|_| {
+                rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                    .unwrap_or_else(|_| Err("neither started nor exited in 30 s".into()))
             })
             .collect();
         for c in &mut children {

@@ -300,7 +300,8 @@ fn mongo_duplicate_usernames_at_start_are_logged_and_still_taken() {
         ])
         .run()
         .expect("seed users");
-    let s = start(&db, &[]);
+    // Six hash threads, so that the racing registrations below do race.
+    let s = start(&db, &[("WORKERS", "6")]);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let log = s.log_text();
@@ -770,6 +771,52 @@ fn a_room_of_many_messages_is_deleted_whole() {
     let r = s.post("/rooms", &json!({"name": "Big", "username": "bob"}));
     assert_eq!(r.status, 201, "{r:?}");
     assert!(s.messages("Big", "").is_empty());
+}
+
+/// Rooms of the original are numbered in the background once the database
+/// answers, not only when a call first uses them.
+#[test]
+fn legacy_messages_are_numbered_in_the_background_after_start() {
+    let db = TestDb::new("bgnumber");
+    db.coll("rooms")
+        .insert_one(
+            doc! {"name": "Quiet", "creator": "gopher", "created_at": DateTime::from_millis(1_000)},
+        )
+        .run()
+        .expect("seed room");
+    let docs: Vec<Document> = (0..30)
+        .map(|i| {
+            doc! {"room_id": "Quiet", "username": "gopher", "content": format!("q{i}"),
+            "timestamp": DateTime::from_millis(60_000 - i * 1_000)}
+        })
+        .collect();
+    db.coll("messages")
+        .insert_many(docs)
+        .run()
+        .expect("seed messages");
+    let s = start(&db, &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = db
+            .coll("messages")
+            .count_documents(doc! {"seq": {"$exists": false}})
+            .run()
+            .expect("count");
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} messages still unnumbered\n{}",
+            s.log_text()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    // Numbered oldest first: the history reads q29 (oldest) .. q0.
+    let hist = s.messages("Quiet", "limit=100");
+    let want: Vec<String> = (0..30).rev().map(|i| format!("q{i}")).collect();
+    assert_eq!(contents(&hist), want);
+    assert_eq!(seqs(&hist), (1..=30).collect::<Vec<i64>>());
 }
 
 /// Echoes as runs of consecutive seqs: "seq a..b: content x..y".

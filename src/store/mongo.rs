@@ -18,7 +18,7 @@
 //! message still gets a distinct number in one order.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,6 +55,9 @@ pub struct MongoStore {
     /// database came back). Cleared whenever the driver loses the server,
     /// since the database that comes back may be a new, empty one.
     prepared: Arc<AtomicBool>,
+    /// Times the driver lost the server: `prepare` keeps its result only if
+    /// this did not change while it ran.
+    losses: Arc<AtomicU64>,
     /// Usernames and room names have unique indexes. Without one (the
     /// database already held duplicates), creating a user or a room is a
     /// lookup then an insert, and `claims` makes that pair one step for
@@ -64,6 +67,9 @@ pub struct MongoStore {
     claims: Mutex<()>,
     /// Rooms whose legacy messages are numbered, in this process.
     numbered: Mutex<HashSet<String>>,
+    /// A lock per room being numbered, so that calls arriving meanwhile
+    /// wait for that numbering instead of repeating it update by update.
+    numbering: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Highest `seq` this process knows per room, with the `_id` of the
     /// room document it belongs to: a guess that saves a query per batch; a
     /// guess too low costs one retry. A room deleted and created again by
@@ -194,7 +200,8 @@ impl MongoStore {
         options.server_selection_timeout = Some(timeout);
         options.connect_timeout = Some(timeout);
         let prepared = Arc::new(AtomicBool::new(false));
-        let lost = prepared.clone();
+        let losses = Arc::new(AtomicU64::new(0));
+        let (lost, count) = (prepared.clone(), losses.clone());
         options.sdam_event_handler = Some(EventHandler::callback(move |event: SdamEvent| {
             let gone = match &event {
                 SdamEvent::ServerHeartbeatFailed(_) => true,
@@ -204,6 +211,7 @@ impl MongoStore {
                 _ => false,
             };
             if gone {
+                count.fetch_add(1, Ordering::SeqCst);
                 lost.store(false, Ordering::SeqCst);
             }
         }));
@@ -215,10 +223,12 @@ impl MongoStore {
             messages: db.collection("messages"),
             db,
             prepared,
+            losses,
             users_unique: AtomicBool::new(true),
             rooms_unique: AtomicBool::new(true),
             claims: Mutex::new(()),
             numbered: Mutex::new(HashSet::new()),
+            numbering: Mutex::new(HashMap::new()),
             last_seq: Mutex::new(HashMap::new()),
         })
     }
@@ -236,6 +246,7 @@ impl MongoStore {
     /// duplicates of a unique key (the original had no unique indexes) gets
     /// a plain index instead, and the duplicates are logged.
     pub fn prepare(&self) -> StoreResult<()> {
+        let losses_before = self.losses.load(Ordering::SeqCst);
         let users = self.unique_or_report(&self.users, "username", "usernames")?;
         self.users_unique.store(users, Ordering::SeqCst);
         let rooms = self.unique_or_report(&self.rooms, "name", "room names")?;
@@ -282,6 +293,10 @@ impl MongoStore {
             .run()
             .map_err(unavailable)?;
         self.prepared.store(true, Ordering::SeqCst);
+        if self.losses.load(Ordering::SeqCst) != losses_before {
+            // Lost meanwhile: the indexes may be on a database that is gone.
+            self.prepared.store(false, Ordering::SeqCst);
+        }
         Ok(())
     }
 
@@ -379,7 +394,7 @@ impl MongoStore {
             .messages
             // Only numbers count: a legacy document with, say, a string seq
             // would sort above them all and read as 0.
-            .find_one(doc! { "room_id": room, "seq": { "$type": "number" } })
+            .find_one(doc! { "room_id": room, "seq": { "$type": ["int", "long", "double"] } })
             .sort(doc! { "seq": -1 })
             .projection(doc! { "seq": 1 })
             .run()
@@ -431,14 +446,53 @@ impl MongoStore {
     /// (the update only matches it while it has no seq), and the unique
     /// index settles who gets which number.
     fn number_legacy(&self, room: &str) -> StoreResult<()> {
-        if self
-            .numbered
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(room)
-        {
+        let is_numbered = || {
+            self.numbered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(room)
+        };
+        if is_numbered() {
             return Ok(());
         }
+        let lock = self
+            .numbering
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(room.to_owned())
+            .or_default()
+            .clone();
+        let _numbering = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if is_numbered() {
+            return Ok(());
+        }
+        let result = self.number_legacy_now(room);
+        self.numbering
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(room);
+        result
+    }
+
+    /// Number every room's legacy messages; run once the database answers
+    /// after start, so that users seldom meet a room's first numbering.
+    /// Returns how many rooms had legacy messages.
+    pub fn number_all_legacy(&self) -> StoreResult<usize> {
+        let rooms = self
+            .messages
+            .distinct("room_id", doc! { "seq": { "$exists": false } })
+            .run()
+            .map_err(unavailable)?;
+        let mut n = 0;
+        for room in rooms.iter().filter_map(Bson::as_str) {
+            self.number_legacy(room)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The work of `number_legacy`, under its lock.
+    fn number_legacy_now(&self, room: &str) -> StoreResult<()> {
         let legacy: Vec<Bson> = self
             .messages
             .find(doc! { "room_id": room, "seq": { "$exists": false } })
@@ -860,7 +914,7 @@ impl Store for MongoStore {
     fn create_room(&self, room: &Room) -> StoreResult<()> {
         self.ensure_prepared()?;
         // As for users: the lookup covers a database without the unique index.
-        let _claim = self.claim(&self.rooms_unique);
+        let claim = self.claim(&self.rooms_unique);
         if self.room_doc(&room.name)?.is_some() {
             return Err(StoreError::Conflict);
         }
@@ -869,6 +923,7 @@ impl Store for MongoStore {
             Err(e) if is_duplicate(&e) => return Err(StoreError::Conflict),
             Err(e) => return Err(unavailable(e)),
         }
+        drop(claim);
         self.forget_room(&room.name);
         self.purge_leftovers(room)
     }

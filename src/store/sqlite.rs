@@ -75,7 +75,9 @@ fn check_shape(conn: &Connection) -> rusqlite::Result<()> {
         "SELECT id, name, creator, created_at, last_seq FROM rooms LIMIT 0",
         "SELECT room_id, seq, username, content, timestamp FROM messages LIMIT 0",
     ] {
-        conn.prepare_cached(sql)?;
+        // Prepared afresh and run: a cached statement would not notice a
+        // table changed since.
+        conn.prepare(sql)?.query([])?.next()?;
     }
     Ok(())
 }
