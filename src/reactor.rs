@@ -189,6 +189,10 @@ impl Conn {
     }
 }
 
+/// The part of `SHUTDOWN_TIMEOUT` kept for idle worker threads to notice
+/// the end and exit, after connections are dropped.
+const WORKER_GRACE: Duration = Duration::from_millis(100);
+
 struct ShutdownState {
     started: Instant,
     closing_sent: bool,
@@ -1786,10 +1790,22 @@ impl Reactor {
             self.flush_all();
             return false;
         }
+        // HTTP connections that have had their answer and the server's FIN
+        // are only waiting for the client to close; at shutdown, don't.
+        let answered: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(&c.kind, Kind::Http(h) if h.lingering))
+            .map(|(t, _)| t)
+            .collect();
+        for token in answered {
+            self.drop_conn(token);
+        }
         if self.conns.is_empty() {
             return true;
         }
-        if elapsed >= timeout {
+        // The last moments of the timeout are left to the worker threads.
+        if elapsed >= timeout.saturating_sub(WORKER_GRACE) {
             log::warn!(
                 "shutdown timeout: dropping {} connections",
                 self.conns.len()

@@ -31,6 +31,16 @@ fn start(db: &TestDb, extra: &[(&str, &str)]) -> Server {
     Server::start_with(&v)
 }
 
+/// Start a server on database `db` of the MongoDB at `uri`, for the fault
+/// tests that run their own FerretDB (MONGO_TIMEOUT=2s).
+fn start_at(uri: &str, db: &str) -> Server {
+    Server::start_with(&[
+        ("MONGO_URI", uri),
+        ("MONGO_DB", db),
+        ("MONGO_TIMEOUT", "2s"),
+    ])
+}
+
 fn creds(user: &str, pw: &str) -> Value {
     json!({"username": user, "password_hash": pw})
 }
@@ -819,6 +829,68 @@ fn legacy_messages_are_numbered_in_the_background_after_start() {
     assert_eq!(seqs(&hist), (1..=30).collect::<Vec<i64>>());
 }
 
+/// While a room of many legacy messages is being numbered (in the
+/// background after start), calls for it answer 503 at once instead of
+/// waiting on a store thread, so other rooms are served meanwhile.
+#[test]
+fn a_room_being_numbered_answers_503_and_other_rooms_go_on() {
+    const N: i64 = 600;
+    let db = TestDb::new("numbering");
+    db.coll("rooms")
+        .insert_many(vec![
+            doc! {"name": "Legacy", "creator": "gopher", "created_at": DateTime::from_millis(1_000)},
+            doc! {"name": "Other", "creator": "gopher", "created_at": DateTime::from_millis(1_000)},
+        ])
+        .run()
+        .expect("seed rooms");
+    let docs: Vec<Document> = (0..N)
+        .map(|i| {
+            doc! {"room_id": "Legacy", "username": "gopher", "content": format!("l{i}"),
+            "timestamp": DateTime::from_millis(10_000 + i)}
+        })
+        .collect();
+    db.coll("messages")
+        .insert_many(docs)
+        .run()
+        .expect("seed messages");
+    let s = start(&db, &[]);
+    let done = "numbered the earlier messages of 1 rooms";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !s.log_text().contains("numbering 600 earlier messages") {
+        assert!(Instant::now() < deadline, "no numbering\n{}", s.log_text());
+        thread::sleep(Duration::from_millis(20));
+    }
+    let t = Instant::now();
+    let statuses: Vec<u16> = thread::scope(|sc| {
+        let hs: Vec<_> = (0..2)
+            .map(|_| sc.spawn(|| s.get("/rooms/Legacy/messages").status))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut other = s.ws("Other", "x");
+    other.round_trip("meanwhile", WAIT);
+    let took = t.elapsed();
+    assert!(
+        !s.log_text().contains(done),
+        "numbering ended before the check ({took:?}); nothing was shown"
+    );
+    assert_eq!(statuses, [503, 503], "{}", s.log_text());
+    assert!(
+        took < Duration::from_secs(3),
+        "other room served after {took:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !s.log_text().contains(done) {
+        assert!(
+            Instant::now() < deadline,
+            "numbering never ended\n{}",
+            s.log_text()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(full_history(&s, "Legacy").len(), N as usize);
+}
+
 /// Echoes as runs of consecutive seqs: "seq a..b: content x..y".
 fn echo_runs(echoes: &[Value]) -> String {
     let mut runs: Vec<String> = Vec::new();
@@ -960,11 +1032,7 @@ fn server_starts_without_the_database_and_recovers() {
     let port = free_port();
     let uri = format!("mongodb://127.0.0.1:{port}/");
     let db = unique_db("nodb");
-    let s = Server::start_with(&[
-        ("MONGO_URI", &uri),
-        ("MONGO_DB", &db),
-        ("MONGO_TIMEOUT", "2s"),
-    ]);
+    let s = start_at(&uri, &db);
     assert_eq!(s.get("/healthz").status, 200);
 
     // A store call fails after about MONGO_TIMEOUT (2 s), not much later.
@@ -1059,11 +1127,7 @@ fn indexes_are_created_again_when_the_database_comes_back_empty() {
     let port = free_port();
     let mut ferret = FerretInstance::start(first.path(), port);
     let db = unique_db("wiped");
-    let s = Server::start_with(&[
-        ("MONGO_URI", &ferret.uri()),
-        ("MONGO_DB", &db),
-        ("MONGO_TIMEOUT", "2s"),
-    ]);
+    let s = start_at(&ferret.uri(), &db);
     wait_ready(&s, Duration::from_secs(20));
     let mut alice = s.ws("Wiped", "alice");
     alice.round_trip("before", WAIT);
@@ -1091,11 +1155,7 @@ fn database_stops_and_restarts_under_connected_clients() {
     let port = free_port();
     let mut ferret = FerretInstance::start(dir.path(), port);
     let db = unique_db("bounce");
-    let s = Server::start_with(&[
-        ("MONGO_URI", &ferret.uri()),
-        ("MONGO_DB", &db),
-        ("MONGO_TIMEOUT", "2s"),
-    ]);
+    let s = start_at(&ferret.uri(), &db);
     let mut alice = s.ws("Resilient", "alice");
     let mut bob = s.ws("Resilient", "bob");
     let first = alice.round_trip("before", WAIT);

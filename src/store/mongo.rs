@@ -70,6 +70,8 @@ pub struct MongoStore {
     /// A lock per room being numbered, so that calls arriving meanwhile
     /// wait for that numbering instead of repeating it update by update.
     numbering: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Rooms whose legacy messages are being numbered right now.
+    numbering_now: Mutex<HashSet<String>>,
     /// Highest `seq` this process knows per room, with the `_id` of the
     /// room document it belongs to: a guess that saves a query per batch; a
     /// guess too low costs one retry. A room deleted and created again by
@@ -127,6 +129,16 @@ fn int_field(d: &Document, key: &str) -> Option<i64> {
         Bson::Double(v) => Some(*v as i64),
         _ => None,
     }
+}
+
+/// The `_id` of the first document of `coll` matching `filter`.
+fn first_id(coll: &Collection<Document>, filter: Document) -> StoreResult<Option<Bson>> {
+    let d = coll
+        .find_one(filter)
+        .projection(doc! { "_id": 1 })
+        .run()
+        .map_err(unavailable)?;
+    Ok(d.and_then(|d| d.get("_id").cloned()))
 }
 
 fn str_field(d: &Document, key: &str) -> String {
@@ -229,6 +241,7 @@ impl MongoStore {
             claims: Mutex::new(()),
             numbered: Mutex::new(HashSet::new()),
             numbering: Mutex::new(HashMap::new()),
+            numbering_now: Mutex::new(HashSet::new()),
             last_seq: Mutex::new(HashMap::new()),
         })
     }
@@ -380,13 +393,7 @@ impl MongoStore {
     /// every room where it otherwise stops at the first match, which cost a
     /// write per room 39 % of its rate).
     fn room_key(&self, name: &str) -> StoreResult<Option<Bson>> {
-        let d = self
-            .rooms
-            .find_one(doc! { "name": name })
-            .projection(doc! { "_id": 1 })
-            .run()
-            .map_err(unavailable)?;
-        Ok(d.and_then(|d| d.get("_id").cloned()))
+        first_id(&self.rooms, doc! { "name": name })
     }
 
     /// Highest `seq` stored in a room (0 when none).
@@ -447,6 +454,13 @@ impl MongoStore {
     /// (the update only matches it while it has no seq), and the unique
     /// index settles who gets which number.
     fn number_legacy(&self, room: &str) -> StoreResult<()> {
+        self.number_legacy_or_wait(room, false)
+    }
+
+    /// `number_legacy`; while another thread numbers the room, wait for it
+    /// (`wait`) or answer "unavailable" at once, so that calls for a room
+    /// of many legacy messages do not hold every store thread meanwhile.
+    fn number_legacy_or_wait(&self, room: &str, wait: bool) -> StoreResult<()> {
         let is_numbered = || {
             self.numbered
                 .lock()
@@ -463,7 +477,27 @@ impl MongoStore {
             .entry(room.to_owned())
             .or_default()
             .clone();
-        let _numbering = lock.lock().unwrap_or_else(|p| p.into_inner());
+        // The holder may only be checking whether there is anything to
+        // number (one query): wait for that. Once it is numbering messages,
+        // which can take many seconds, answer at once unless told to wait.
+        let _numbering = loop {
+            match lock.try_lock() {
+                Ok(guard) => break guard,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            let busy = self
+                .numbering_now
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(room);
+            if busy && !wait {
+                return Err(StoreError::Unavailable(format!(
+                    "the earlier messages of room {room:?} are being numbered; try again shortly"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
         if is_numbered() {
             return Ok(());
         }
@@ -486,7 +520,7 @@ impl MongoStore {
             .map_err(unavailable)?;
         let mut n = 0;
         for room in rooms.iter().filter_map(Bson::as_str) {
-            self.number_legacy(room)?;
+            self.number_legacy_or_wait(room, true)?;
             n += 1;
         }
         Ok(n)
@@ -509,30 +543,11 @@ impl MongoStore {
                 "numbering {} earlier messages of room {room:?}",
                 legacy.len()
             );
-            let mut next = seq_after(room, self.max_seq(room)?)?;
-            for id in legacy {
-                let mut attempts = 0;
-                loop {
-                    let filter = doc! { "_id": id.clone(), "seq": { "$exists": false } };
-                    match self
-                        .messages
-                        .update_one(filter, doc! { "$set": { "seq": next } })
-                        .run()
-                    {
-                        Ok(r) => {
-                            if r.matched_count == 1 {
-                                next += 1;
-                            }
-                            break;
-                        }
-                        Err(e) if is_duplicate(&e) && attempts < MAX_ATTEMPTS => {
-                            attempts += 1;
-                            next = seq_after(room, self.max_seq(room)?)?;
-                        }
-                        Err(e) => return Err(unavailable(e)),
-                    }
-                }
-            }
+            let now = || self.numbering_now.lock().unwrap_or_else(|p| p.into_inner());
+            now().insert(room.to_owned());
+            let numbered = self.number_these(room, legacy);
+            now().remove(room);
+            numbered?;
             // Whatever this process guessed for the room is now too low.
             self.last_seq
                 .lock()
@@ -543,6 +558,35 @@ impl MongoStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(room.to_owned());
+        Ok(())
+    }
+
+    /// Give the legacy messages `ids` (oldest first) the room's next numbers.
+    fn number_these(&self, room: &str, ids: Vec<Bson>) -> StoreResult<()> {
+        let mut next = seq_after(room, self.max_seq(room)?)?;
+        for id in ids {
+            let mut attempts = 0;
+            loop {
+                let filter = doc! { "_id": id.clone(), "seq": { "$exists": false } };
+                match self
+                    .messages
+                    .update_one(filter, doc! { "$set": { "seq": next } })
+                    .run()
+                {
+                    Ok(r) => {
+                        if r.matched_count == 1 {
+                            next += 1;
+                        }
+                        break;
+                    }
+                    Err(e) if is_duplicate(&e) && attempts < MAX_ATTEMPTS => {
+                        attempts += 1;
+                        next = seq_after(room, self.max_seq(room)?)?;
+                    }
+                    Err(e) => return Err(unavailable(e)),
+                }
+            }
+        }
         Ok(())
     }
 
@@ -880,13 +924,7 @@ impl Store for MongoStore {
         // duplicates kept that index from being built, and a user document
         // of the original without a usable hash (the name is still taken).
         let _claim = self.claim(&self.users_unique);
-        let taken = self
-            .users
-            .find_one(doc! { "username": username })
-            .projection(doc! { "_id": 1 })
-            .run()
-            .map_err(unavailable)?;
-        if taken.is_some() {
+        if first_id(&self.users, doc! { "username": username })?.is_some() {
             return Err(StoreError::Conflict);
         }
         match self
