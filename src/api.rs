@@ -263,18 +263,20 @@ impl Reactor {
             };
             // An unknown user costs one verification too, so the answer's
             // timing does not tell which names exist.
+            // So does a stored value that is no bcrypt hash (an account of
+            // the original without one) or one of absurd cost.
             let cost_limit = cost.max(auth::MAX_VERIFY_COST);
-            // A stored value that is no bcrypt hash (an account of the
-            // original without one) is treated like an unknown user.
-            let stored = stored.filter(|h| auth::hash_cost(h).is_some());
-            let ok = match &stored {
-                Some(hash) if auth::hash_cost(hash).is_some_and(|c| c > cost_limit) => {
+            let checkable = stored.as_deref().filter(|h| match auth::hash_cost(h) {
+                Some(c) if c > cost_limit => {
                     log::warn!(
                         "the stored password hash of {username:?} has a bcrypt cost above {cost_limit}; refusing to verify it"
                     );
-                    let _ = bcrypt::verify(&password, auth::dummy_hash(cost));
                     false
                 }
+                Some(_) => true,
+                None => false,
+            });
+            let ok = match checkable {
                 Some(hash) => bcrypt::verify(&password, hash).unwrap_or(false),
                 None => {
                     let _ = bcrypt::verify(&password, auth::dummy_hash(cost));

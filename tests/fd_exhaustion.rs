@@ -6,6 +6,8 @@
 //! handful of client sockets. A second test checks that a low soft limit
 //! under a higher hard one is raised at start.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
@@ -83,10 +85,7 @@ fn start_under(limits: &str) -> Server {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("server did not say where it listens");
-        if let Some(at) = line.find("listening on ") {
-            let rest = &line[at + 13..];
-            let end = rest.find(' ').unwrap_or(rest.len());
-            let addr = rest[..end].parse().expect("listen address");
+        if let Some(addr) = common::parse_listening(&line) {
             start_log.push(line);
             break addr;
         }

@@ -382,22 +382,13 @@ fn generated_token_secret_survives_restart() {
 #[test]
 fn processes_started_together_on_a_fresh_data_dir_all_start() {
     use std::io::BufRead;
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     for round in 0..10 {
         let root = tempfile::tempdir().expect("temp dir");
         let mut children: Vec<_> = (0..4)
             .map(|_| {
-                let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatserver"));
-                for var in CONFIG_VARS {
-                    cmd.env_remove(var);
-                }
-                cmd.current_dir(root.path())
-                    .env("HOST", "127.0.0.1")
-                    .env("PORT", "0")
-                    .env("DATA_DIR", root.path().join("data"))
+                server_command(root.path())
                     .env("TOKEN_SECRET", "a shared secret of enough bytes")
-                    .env("RUST_LOG", "info")
-                    .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::piped())
                     .spawn()

@@ -8,22 +8,20 @@
 //! `scripts/bench.sh`; this test keeps the two properties from regressing
 //! between benchmark runs.
 
+mod common;
 #[path = "../benches/common/ws_client.rs"]
 mod ws_client;
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+use common::{parse_listening, server_command};
 use tokio::sync::Semaphore;
 use ws_client::{field_seq, field_str, ws_path, WsConn, OP_CLOSE, OP_TEXT};
-
-/// Server configuration variables: cleared so the machine's environment
-/// cannot change the server under test.
-const CONFIG_VARS: &[&str] = chatconnect::config::VARIABLES;
 
 /// Handshakes in flight at once: well under the server's accept backlog,
 /// so no SYN is dropped and retried a second later.
@@ -45,18 +43,10 @@ impl Server {
             .prefix("chatconnect-load-smoke-")
             .tempdir()
             .expect("create a temp dir");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatserver"));
-        for v in CONFIG_VARS {
-            cmd.env_remove(v);
-        }
-        cmd.env("PORT", "0")
-            .env("HOST", "127.0.0.1")
-            .env("DATA_DIR", dir.path().join("data"))
-            .env("WS_RATE_LIMIT", "0")
+        // In the temp dir: no stray .env file.
+        let mut cmd = server_command(dir.path());
+        cmd.env("WS_RATE_LIMIT", "0")
             .env("BCRYPT_COST", "4")
-            .env("RUST_LOG", "info")
-            .current_dir(dir.path()) // no stray .env file
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start chatserver");
@@ -143,14 +133,6 @@ impl Drop for Server {
 fn log_text(log: &Arc<Mutex<VecDeque<String>>>) -> String {
     let l = log.lock().unwrap_or_else(|p| p.into_inner());
     l.iter().cloned().collect::<Vec<_>>().join("\n")
-}
-
-fn parse_listening(line: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
-    let end = rest
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
 }
 
 /// Let this process (and the server it starts) open a few thousand sockets.

@@ -67,6 +67,26 @@ fn contents(msgs: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// Room documents as the original wrote them, created at 1970-01-01T00:00:01Z.
+fn seed_rooms(db: &TestDb, rooms: &[(&str, &str)]) {
+    let docs: Vec<Document> = rooms
+        .iter()
+        .map(|(name, creator)| {
+            doc! {"name": *name, "creator": *creator, "created_at": DateTime::from_millis(1_000)}
+        })
+        .collect();
+    db.coll("rooms")
+        .insert_many(docs)
+        .run()
+        .expect("seed rooms");
+}
+
+/// A message document as the original wrote it (no `seq`).
+fn legacy_message(room: &str, username: &str, content: &str, at_millis: i64) -> Document {
+    doc! {"room_id": room, "username": username, "content": content,
+    "timestamp": DateTime::from_millis(at_millis)}
+}
+
 /// Poll `/readyz` until 200; panics after `timeout`. Returns how long it took.
 fn wait_ready(s: &Server, timeout: Duration) -> Duration {
     let t = Instant::now();
@@ -427,9 +447,7 @@ fn mongo_takes_over_the_go_servers_database() {
     ];
     let docs = |room: &str, rows: &[(&str, &str, i64)]| -> Vec<Document> {
         rows.iter()
-            .map(|(u, c, t)| {
-                doc! {"room_id": room, "username": *u, "content": *c, "timestamp": DateTime::from_millis(*t)}
-            })
+            .map(|(u, c, t)| legacy_message(room, u, c, *t))
             .collect()
     };
     let mut all_docs = docs("Go Lounge", &lounge);
@@ -696,18 +714,14 @@ fn a_room_created_again_by_another_process_numbers_on_from_its_own_messages() {
 #[test]
 fn a_legacy_seq_that_is_not_a_number_does_not_block_its_room() {
     let db = TestDb::new("oddseq");
-    db.coll("rooms")
-        .insert_one(
-            doc! {"name": "Odd", "creator": "gopher", "created_at": DateTime::from_millis(1_000)},
-        )
-        .run()
-        .expect("seed room");
+    seed_rooms(&db, &[("Odd", "gopher")]);
+    let mut numbered = legacy_message("Odd", "gopher", "numbered", 2_000);
+    numbered.insert("seq", 1);
+    let mut stringly = legacy_message("Odd", "gopher", "stringly", 3_000);
+    stringly.insert("seq", "2");
+    let unnumbered = legacy_message("Odd", "gopher", "unnumbered", 4_000);
     db.coll("messages")
-        .insert_many(vec![
-            doc! {"room_id": "Odd", "username": "gopher", "content": "numbered", "timestamp": DateTime::from_millis(2_000), "seq": 1},
-            doc! {"room_id": "Odd", "username": "gopher", "content": "stringly", "timestamp": DateTime::from_millis(3_000), "seq": "2"},
-            doc! {"room_id": "Odd", "username": "gopher", "content": "unnumbered", "timestamp": DateTime::from_millis(4_000)},
-        ])
+        .insert_many(vec![numbered, stringly, unnumbered])
         .run()
         .expect("seed messages");
     let s = start(&db, &[]);
@@ -729,14 +743,11 @@ fn a_legacy_seq_that_is_not_a_number_does_not_block_its_room() {
         .find(doc! {"room_id": "Odd", "content": {"$ne": "fresh"}})
         .run()
         .expect("find")
-        .filter_map(|d| d.ok()?.get("seq").and_then(Bson::as_i32).map(i64::from))
-        .chain(
-            db.coll("messages")
-                .find(doc! {"room_id": "Odd", "content": {"$ne": "fresh"}})
-                .run()
-                .expect("find")
-                .filter_map(|d| d.ok()?.get("seq").and_then(Bson::as_i64)),
-        )
+        .filter_map(|d| match d.ok()?.get("seq")? {
+            Bson::Int32(n) => Some(i64::from(*n)),
+            Bson::Int64(n) => Some(*n),
+            _ => None,
+        })
         .max()
         .expect("numbered messages");
     assert!(
@@ -751,16 +762,12 @@ fn a_legacy_seq_that_is_not_a_number_does_not_block_its_room() {
 fn a_room_of_many_messages_is_deleted_whole() {
     const N: usize = 33_000;
     let db = TestDb::new("bigroom");
-    db.coll("rooms")
-        .insert_one(
-            doc! {"name": "Big", "creator": "alice", "created_at": DateTime::from_millis(1_000)},
-        )
-        .run()
-        .expect("seed room");
+    seed_rooms(&db, &[("Big", "alice")]);
     let docs: Vec<Document> = (0..N)
         .map(|i| {
-            doc! {"room_id": "Big", "username": "alice", "content": format!("m{i}"),
-            "timestamp": DateTime::from_millis(2_000 + i as i64), "seq": (i + 1) as i64}
+            let mut d = legacy_message("Big", "alice", &format!("m{i}"), 2_000 + i as i64);
+            d.insert("seq", (i + 1) as i64);
+            d
         })
         .collect();
     for chunk in docs.chunks(5_000) {
@@ -788,17 +795,9 @@ fn a_room_of_many_messages_is_deleted_whole() {
 #[test]
 fn legacy_messages_are_numbered_in_the_background_after_start() {
     let db = TestDb::new("bgnumber");
-    db.coll("rooms")
-        .insert_one(
-            doc! {"name": "Quiet", "creator": "gopher", "created_at": DateTime::from_millis(1_000)},
-        )
-        .run()
-        .expect("seed room");
+    seed_rooms(&db, &[("Quiet", "gopher")]);
     let docs: Vec<Document> = (0..30)
-        .map(|i| {
-            doc! {"room_id": "Quiet", "username": "gopher", "content": format!("q{i}"),
-            "timestamp": DateTime::from_millis(60_000 - i * 1_000)}
-        })
+        .map(|i| legacy_message("Quiet", "gopher", &format!("q{i}"), 60_000 - i * 1_000))
         .collect();
     db.coll("messages")
         .insert_many(docs)
@@ -836,18 +835,9 @@ fn legacy_messages_are_numbered_in_the_background_after_start() {
 fn a_room_being_numbered_answers_503_and_other_rooms_go_on() {
     const N: i64 = 600;
     let db = TestDb::new("numbering");
-    db.coll("rooms")
-        .insert_many(vec![
-            doc! {"name": "Legacy", "creator": "gopher", "created_at": DateTime::from_millis(1_000)},
-            doc! {"name": "Other", "creator": "gopher", "created_at": DateTime::from_millis(1_000)},
-        ])
-        .run()
-        .expect("seed rooms");
+    seed_rooms(&db, &[("Legacy", "gopher"), ("Other", "gopher")]);
     let docs: Vec<Document> = (0..N)
-        .map(|i| {
-            doc! {"room_id": "Legacy", "username": "gopher", "content": format!("l{i}"),
-            "timestamp": DateTime::from_millis(10_000 + i)}
-        })
+        .map(|i| legacy_message("Legacy", "gopher", &format!("l{i}"), 10_000 + i))
         .collect();
     db.coll("messages")
         .insert_many(docs)

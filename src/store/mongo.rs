@@ -67,11 +67,11 @@ pub struct MongoStore {
     claims: Mutex<()>,
     /// Rooms whose legacy messages are numbered, in this process.
     numbered: Mutex<HashSet<String>>,
-    /// A lock per room being numbered, so that calls arriving meanwhile
-    /// wait for that numbering instead of repeating it update by update.
-    numbering: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    /// Rooms whose legacy messages are being numbered right now.
-    numbering_now: Mutex<HashSet<String>>,
+    /// Rooms a thread has claimed for numbering: `false` while it checks
+    /// whether there is anything to number, `true` while it numbers. Calls
+    /// arriving meanwhile wait for the check, and for the numbering only
+    /// when told to.
+    numbering: Mutex<HashMap<String, bool>>,
     /// Highest `seq` this process knows per room, with the `_id` of the
     /// room document it belongs to: a guess that saves a query per batch; a
     /// guess too low costs one retry. A room deleted and created again by
@@ -241,7 +241,6 @@ impl MongoStore {
             claims: Mutex::new(()),
             numbered: Mutex::new(HashSet::new()),
             numbering: Mutex::new(HashMap::new()),
-            numbering_now: Mutex::new(HashSet::new()),
             last_seq: Mutex::new(HashMap::new()),
         })
     }
@@ -470,36 +469,26 @@ impl MongoStore {
         if is_numbered() {
             return Ok(());
         }
-        let lock = self
-            .numbering
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(room.to_owned())
-            .or_default()
-            .clone();
-        // The holder may only be checking whether there is anything to
-        // number (one query): wait for that. Once it is numbering messages,
-        // which can take many seconds, answer at once unless told to wait.
-        let _numbering = loop {
-            match lock.try_lock() {
-                Ok(guard) => break guard,
-                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => {}
-            }
-            let busy = self
-                .numbering_now
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(room);
-            if busy && !wait {
-                return Err(StoreError::Unavailable(format!(
-                    "the earlier messages of room {room:?} are being numbered; try again shortly"
-                )));
+        loop {
+            {
+                let mut claims = self.numbering.lock().unwrap_or_else(|p| p.into_inner());
+                if is_numbered() {
+                    return Ok(());
+                }
+                match claims.get(room) {
+                    None => {
+                        claims.insert(room.to_owned(), false);
+                        break;
+                    }
+                    Some(true) if !wait => {
+                        return Err(StoreError::Unavailable(format!(
+                            "the earlier messages of room {room:?} are being numbered; try again shortly"
+                        )));
+                    }
+                    Some(_) => {}
+                }
             }
             std::thread::sleep(Duration::from_millis(5));
-        };
-        if is_numbered() {
-            return Ok(());
         }
         let result = self.number_legacy_now(room);
         self.numbering
@@ -543,11 +532,11 @@ impl MongoStore {
                 "numbering {} earlier messages of room {room:?}",
                 legacy.len()
             );
-            let now = || self.numbering_now.lock().unwrap_or_else(|p| p.into_inner());
-            now().insert(room.to_owned());
-            let numbered = self.number_these(room, legacy);
-            now().remove(room);
-            numbered?;
+            self.numbering
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(room.to_owned(), true);
+            self.number_these(room, legacy)?;
             // Whatever this process guessed for the room is now too low.
             self.last_seq
                 .lock()

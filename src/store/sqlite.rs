@@ -82,6 +82,19 @@ fn check_shape(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Why the database could not be opened at start.
+enum OpenError {
+    Sqlite(rusqlite::Error),
+    /// The file has a newer schema version than this server knows.
+    Newer(i64),
+}
+
+impl From<rusqlite::Error> for OpenError {
+    fn from(e: rusqlite::Error) -> Self {
+        OpenError::Sqlite(e)
+    }
+}
+
 /// Another connection holds a lock this step needs.
 fn is_busy(err: &rusqlite::Error) -> bool {
     matches!(err, rusqlite::Error::SqliteFailure(e, _)
@@ -118,16 +131,16 @@ impl SqliteStore {
                     store.file = file_id(&store.path);
                     return Ok(store);
                 }
-                Err(Ok(e)) if is_busy(&e) && Instant::now() < deadline => {
+                Err(OpenError::Sqlite(e)) if is_busy(&e) && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Err(Ok(e)) => {
+                Err(OpenError::Sqlite(e)) => {
                     return Err(StoreError::Unavailable(format!(
                         "cannot open {}: {e}",
                         store.path.display()
                     )))
                 }
-                Err(Err(version)) => {
+                Err(OpenError::Newer(version)) => {
                     return Err(StoreError::Unavailable(format!(
                         "{} was written by a newer chatserver (schema {version}, this one knows {SCHEMA_VERSION})",
                         store.path.display()
@@ -137,20 +150,16 @@ impl SqliteStore {
         }
     }
 
-    /// A connection to a database whose schema is in place; `Err(Err(v))`
-    /// when the file has a newer schema version `v`.
-    fn prepare(&self) -> Result<Connection, Result<rusqlite::Error, i64>> {
-        let conn = self.connect_raw().map_err(Ok)?;
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(Ok)?;
+    /// A connection to a database whose schema is in place.
+    fn prepare(&self) -> Result<Connection, OpenError> {
+        let conn = self.connect_raw()?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > SCHEMA_VERSION {
-            return Err(Err(version));
+            return Err(OpenError::Newer(version));
         }
-        conn.execute_batch(SCHEMA).map_err(Ok)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(Ok)?;
-        check_shape(&conn).map_err(Ok)?;
+        conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        check_shape(&conn)?;
         Ok(conn)
     }
 

@@ -78,7 +78,7 @@ fn push_log(log: &Log, line: String) {
 }
 
 /// Parse `listening on 127.0.0.1:PORT` out of a log line.
-fn parse_listening(line: &str) -> Option<SocketAddr> {
+pub fn parse_listening(line: &str) -> Option<SocketAddr> {
     let at = line.find("listening on ")? + "listening on ".len();
     let rest = &line[at..];
     let rest = rest.trim_start_matches(['h', 't', 'p', ':', '/']);
@@ -535,8 +535,10 @@ impl Drop for Server {
     }
 }
 
-fn spawn_server(root: &Path, env: &[(String, String)], log: &Log) -> (Child, SocketAddr) {
-    let data_dir = root.join("data");
+/// The `chatserver` binary to run in `root`: none of the caller's
+/// configuration variables, a free port on 127.0.0.1, data in `root/data`,
+/// info logging, no stdin. Callers add their environment and pipes.
+pub fn server_command(root: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatserver"));
     cmd.current_dir(root);
     for var in CONFIG_VARS {
@@ -544,16 +546,19 @@ fn spawn_server(root: &Path, env: &[(String, String)], log: &Log) -> (Child, Soc
     }
     cmd.env("HOST", "127.0.0.1")
         .env("PORT", "0")
-        .env("DATA_DIR", &data_dir)
-        .env("BCRYPT_COST", "4")
+        .env("DATA_DIR", root.join("data"))
         .env("RUST_LOG", "info")
-        .env_remove("MONGO_URI");
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn spawn_server(root: &Path, env: &[(String, String)], log: &Log) -> (Child, SocketAddr) {
+    let mut cmd = server_command(root);
+    cmd.env("BCRYPT_COST", "4");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn chatserver");
 
     let (tx, rx) = mpsc::channel::<SocketAddr>();
@@ -631,21 +636,12 @@ pub fn run_binary(
     timeout: Duration,
 ) -> (ExitStatus, String, String) {
     let root = tempfile::tempdir().expect("temp dir");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatserver"));
-    cmd.current_dir(root.path()).args(args);
-    for var in CONFIG_VARS {
-        cmd.env_remove(var);
-    }
-    cmd.env("HOST", "127.0.0.1")
-        .env("PORT", "0")
-        .env("DATA_DIR", root.path().join("data"))
-        .env("RUST_LOG", "info");
+    let mut cmd = server_command(root.path());
+    cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn chatserver");
     let mut out = child.stdout.take().expect("stdout");
     let mut err = child.stderr.take().expect("stderr");
