@@ -20,7 +20,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mongodb::bson::oid::ObjectId;
 use mongodb::bson::{doc, Bson, DateTime, Document};
@@ -457,9 +457,12 @@ impl MongoStore {
     }
 
     /// `number_legacy`; while another thread numbers the room, wait for it
-    /// (`wait`) or answer "unavailable" at once, so that calls for a room
-    /// of many legacy messages do not hold every store thread meanwhile.
+    /// (`wait`), or for at most `NUMBERING_WAIT` and then answer
+    /// "unavailable", so that calls for a room of many legacy messages do
+    /// not hold every store thread meanwhile, while a small room's numbering
+    /// (a fraction of a second) is simply waited for.
     fn number_legacy_or_wait(&self, room: &str, wait: bool) -> StoreResult<()> {
+        const NUMBERING_WAIT: Duration = Duration::from_secs(1);
         let is_numbered = || {
             self.numbered
                 .lock()
@@ -469,6 +472,7 @@ impl MongoStore {
         if is_numbered() {
             return Ok(());
         }
+        let started = Instant::now();
         loop {
             {
                 let mut claims = self.numbering.lock().unwrap_or_else(|p| p.into_inner());
@@ -480,7 +484,7 @@ impl MongoStore {
                         claims.insert(room.to_owned(), false);
                         break;
                     }
-                    Some(true) if !wait => {
+                    Some(true) if !wait && started.elapsed() >= NUMBERING_WAIT => {
                         return Err(StoreError::Unavailable(format!(
                             "the earlier messages of room {room:?} are being numbered; try again shortly"
                         )));
