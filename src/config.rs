@@ -112,6 +112,10 @@ pub struct Config {
     #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_interval)]
     pub http_header_timeout: Duration,
 
+    /// Time an idle keep-alive HTTP connection is kept open between requests
+    #[arg(long, env = "HTTP_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_interval)]
+    pub http_idle_timeout: Duration,
+
     /// Largest HTTP request head (431 above it)
     #[arg(long, env = "HTTP_MAX_HEAD", default_value = "16KiB", value_parser = parse_size)]
     pub http_max_head: usize,
@@ -153,6 +157,7 @@ pub const VARIABLES: &[&str] = &[
     "WS_MAX_MESSAGE",
     "PING_INTERVAL",
     "HTTP_HEADER_TIMEOUT",
+    "HTTP_IDLE_TIMEOUT",
     "HTTP_MAX_HEAD",
     "HTTP_MAX_BODY",
     "STORE_BATCH_MAX",

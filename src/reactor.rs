@@ -52,8 +52,6 @@ const READ_CHUNK: usize = 16 * 1024;
 /// A connection's unsent response bytes above which no further pipelined
 /// request is parsed until the peer reads.
 const HTTP_OUT_HIGH_WATER: usize = 1 << 20;
-/// Idle keep-alive connections are closed quietly after this.
-const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(60);
 /// How long a closing connection may take to hang up.
 const LINGER: Duration = Duration::from_secs(5);
 /// While writing to many sockets in one pass, look for finished store work
@@ -298,6 +296,7 @@ impl Reactor {
         let ping = cfg.ping_interval;
         let tick = (ping / 4)
             .min(cfg.http_header_timeout / 4)
+            .min(cfg.http_idle_timeout / 4)
             .clamp(Duration::from_millis(50), Duration::from_secs(1));
         let ws_config = ws::config(cfg.ws_max_message);
         let headers = ResponseHeaders {
@@ -714,6 +713,7 @@ impl Reactor {
     fn read_http(&mut self, token: usize) {
         let cap = self.cfg.http_max_head + self.cfg.http_max_body + READ_CHUNK;
         let header_timeout = self.cfg.http_header_timeout;
+        let idle_timeout = self.cfg.http_idle_timeout;
         let Some(h) = self.http_mut(token) else {
             return;
         };
@@ -862,7 +862,7 @@ impl Reactor {
             let now = Instant::now();
             if h.inbuf.is_empty() {
                 h.idle = true;
-                h.deadline = now + KEEP_ALIVE_IDLE.max(header_timeout);
+                h.deadline = now + idle_timeout;
             } else {
                 h.deadline = now + header_timeout;
             }
