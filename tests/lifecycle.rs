@@ -245,6 +245,7 @@ fn sigterm_answers_a_half_sent_request_with_503() {
         .read_response(WAIT)
         .expect("an answer to the half request");
     assert_eq!(r.status, 503, "{}", r.body_text());
+    assert_eq!(r.json(), json!({"error": "Server is shutting down"}));
     assert_eq!(r.header("connection"), Some("close"));
     drop(half); // as a client does after `Connection: close`
     let status = s.wait_exit(Duration::from_secs(5));
@@ -461,7 +462,7 @@ fn readyz_fails_once_the_database_file_is_removed() {
     assert_eq!(s.get("/readyz").status, 200);
     std::fs::remove_file(s.data_dir().join("chatconnect.db")).expect("remove the database");
     let r = s.get("/readyz");
-    assert_eq!(r.status, 503, "{r:?}");
+    r.expect_error_text(503, "Storage is unavailable");
     assert!(
         s.log_text().contains("removed or replaced"),
         "{}",

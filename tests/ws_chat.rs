@@ -603,14 +603,38 @@ fn client_close_is_answered_and_ping_is_ponged() {
     assert_eq!(code, 1000);
 }
 
-/// One member session of the delete race below: connect (retrying while the
-/// room is being deleted), send a few messages, wait for each echo. Returns
-/// what it sent and whether the session ended with 4404.
-fn race_session(s: &Server, room: &str, tag: &str) -> (Vec<String>, bool) {
+/// How one member session of the delete race below ended.
+enum RaceEnd {
+    /// Every message it sent came back.
+    Echoed,
+    /// Closed with 4404 (the room was deleted under it), after sending these.
+    Deleted(Vec<String>),
+    /// The upgrade was refused: the room was being deleted.
+    Refused,
+}
+
+/// One member session of the delete race below: connect, send a few
+/// messages, wait for each echo. A session may only end in one of the
+/// documented ways; anything else fails the test.
+fn race_session(s: &Server, room: &str, tag: &str) -> RaceEnd {
     let path = format!("/ws/{}?username={tag}", enc(room));
-    let Ok(mut c) = s.try_ws(&path, &[]) else {
-        thread::sleep(Duration::from_millis(5));
-        return (Vec::new(), false);
+    let mut c = match s.try_ws(&path, &[]) {
+        Ok(c) => c,
+        Err(tungstenite::Error::Http(resp)) if resp.status() == 503 => {
+            let body: Value = serde_json::from_slice(resp.body().as_deref().unwrap_or_default())
+                .expect("a JSON body with the 503");
+            assert_eq!(
+                body,
+                json!({"error": "Room is being deleted; retry shortly"}),
+                "session {tag}"
+            );
+            thread::sleep(Duration::from_millis(5));
+            return RaceEnd::Refused;
+        }
+        Err(e) => panic!(
+            "session {tag}: the upgrade must succeed or answer 503, got {}",
+            describe_ws_error(&e)
+        ),
     };
     let sent: Vec<String> = (0..5).map(|n| format!("{tag}-{n}")).collect();
     for content in &sent {
@@ -619,13 +643,18 @@ fn race_session(s: &Server, room: &str, tag: &str) -> (Vec<String>, bool) {
     let mut echoed = 0;
     while echoed < sent.len() {
         match c.recv(WAIT) {
-            Event::Text(t) if t.contains(&format!("\"{tag}-")) => echoed += 1,
-            Event::Text(_) | Event::Binary(_) => continue,
-            Event::Close(cr) => return (sent, cr.is_some_and(|(code, _)| code == 4404)),
-            Event::Gone(_) | Event::Timeout => break,
+            Event::Text(t) => {
+                let m: Value = serde_json::from_str(&t).expect("a JSON frame");
+                assert!(m.get("seq").is_some(), "session {tag}: not a message: {m}");
+                if m["username"] == tag {
+                    echoed += 1;
+                }
+            }
+            Event::Close(Some((4404, _))) => return RaceEnd::Deleted(sent),
+            other => panic!("session {tag}: expected its echoes or a 4404 close, got {other:?}"),
         }
     }
-    (sent, false)
+    RaceEnd::Echoed
 }
 
 #[test]
@@ -635,6 +664,7 @@ fn deleting_a_busy_room_keeps_its_messages_out_of_the_next_room_of_that_name() {
     // the room again at once. Nothing sent on a session that ended with 4404
     // may turn up in the new room. Bounded: 12 rounds of about 0.5 s.
     let s = Server::start_with(&[("WS_RATE_LIMIT", "0")]);
+    let closed_by_delete = std::sync::atomic::AtomicUsize::new(0);
     for round in 0..12 {
         let room = uniq("Busy");
         let r = s.post("/rooms", &json!({"name": room, "username": "owner"}));
@@ -644,13 +674,15 @@ fn deleting_a_busy_room_keeps_its_messages_out_of_the_next_room_of_that_name() {
         thread::scope(|scope| {
             for t in 0..16 {
                 let (s, room, stop, out) = (&s, &room, &stop, &deleted_sessions);
+                let closed_by_delete = &closed_by_delete;
                 scope.spawn(move || {
                     for k in 0..200 {
                         if stop.load(Ordering::SeqCst) {
                             break;
                         }
-                        let (sent, got_4404) = race_session(s, room, &format!("r{round}t{t}k{k}"));
-                        if got_4404 {
+                        let tag = format!("r{round}t{t}k{k}");
+                        if let RaceEnd::Deleted(sent) = race_session(s, room, &tag) {
+                            closed_by_delete.fetch_add(1, Ordering::SeqCst);
                             out.lock().unwrap().extend(sent);
                         }
                     }
@@ -685,5 +717,10 @@ fn deleting_a_busy_room_keeps_its_messages_out_of_the_next_room_of_that_name() {
             "round {round}: sent on sessions closed with 4404, yet in the new room: {leaked:?}"
         );
     }
+    // The race was a race: deletes met sessions under way.
+    assert!(
+        closed_by_delete.into_inner() > 0,
+        "no session was ever closed by a delete"
+    );
     s.assert_still_serving();
 }
