@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod contract;
 pub mod mongo;
 
 use std::collections::VecDeque;
