@@ -105,10 +105,8 @@ fn dotenv_file_in_working_directory_is_read() {
     let room = uniq("Dot");
     post_messages(&s, &room, "p", "d", 5);
     let mut c = s.ws(&room, "j");
-    assert_eq!(
-        seqs(&c.drain_quiet(Duration::from_millis(400))),
-        vec![3, 4, 5]
-    );
+    assert_eq!(seqs(&c.recv_n(3, WAIT)), vec![3, 4, 5]);
+    c.expect_marker_next("after the history");
 }
 
 #[test]
@@ -134,7 +132,8 @@ fn environment_wins_over_dotenv_and_empty_counts_as_unset() {
     let room = uniq("Empty");
     post_messages(&s, &room, "p", "e", 55);
     let mut c = s.ws(&room, "j");
-    assert_eq!(c.drain_quiet(Duration::from_millis(400)).len(), 50);
+    assert_eq!(seqs(&c.recv_n(50, WAIT)), (6..=55).collect::<Vec<_>>());
+    c.expect_marker_next("after the history");
 }
 
 #[test]
@@ -305,9 +304,9 @@ fn users_rooms_and_messages_survive_restart() {
     // Messages: identical through REST and through a joiner's history.
     assert_eq!(s.messages(&room, "limit=100"), echoes);
     let mut j = s.ws(&room, "joiner");
-    assert_eq!(j.drain_quiet(Duration::from_millis(400)), echoes);
-    // Numbering continues.
-    let m = j.round_trip("after restart", WAIT);
+    assert_eq!(j.recv_n(30, WAIT), echoes);
+    // Nothing more, and numbering continues.
+    let m = j.expect_marker_next("after restart");
     assert_eq!(m["seq"], 31);
 }
 

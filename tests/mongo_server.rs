@@ -520,7 +520,6 @@ fn mongo_takes_over_the_go_servers_database() {
     let mut reader = s.ws("Go Lounge", "reader");
     let hist = reader.recv_n(5, WAIT);
     check_legacy(&hist, &lounge_sorted, "Go Lounge");
-    reader.expect_quiet(Duration::from_millis(300));
     check_legacy(&s.messages("Go Lounge", ""), &lounge_sorted, "Go Lounge");
     let page = s.messages("Go Lounge", "before=4&limit=2");
     assert_eq!(seqs(&page), [2, 3]);
@@ -529,8 +528,8 @@ fn mongo_takes_over_the_go_servers_database() {
     // Attic first used by a history read.
     check_legacy(&s.messages("Go Attic", ""), &attic_sorted, "Go Attic");
 
-    // New messages follow the old ones.
-    let m = reader.round_trip("new from rust", WAIT);
+    // New messages follow the old ones (and nothing came after the five).
+    let m = reader.expect_marker_next("new from rust");
     assert_eq!(m["seq"], 6, "{m}");
     let all = s.messages("Go Lounge", "");
     assert_eq!(all.len(), 6);
@@ -544,7 +543,7 @@ fn mongo_takes_over_the_go_servers_database() {
     let got = resumed.recv_n(3, WAIT);
     assert_eq!(seqs(&got), [2, 3, 4]);
     assert_eq!(contents(&got), ["attic b", "attic c", "attic news"]);
-    resumed.expect_quiet(Duration::from_millis(200));
+    resumed.expect_marker_next("nothing more");
 
     // The legacy documents kept their fields and got their seq.
     let legacy = find_all(
@@ -618,7 +617,6 @@ fn two_server_processes_share_one_database() {
         // client's own messages come back, in its order.
         let echoes = c.recv_n(N, Duration::from_secs(30));
         assert_eq!(contents(&echoes), msgs, "{who}'s echoes");
-        c.expect_quiet(Duration::from_millis(300));
         echoes
     };
     let (ea, eb) = thread::scope(|sc| {
@@ -665,6 +663,10 @@ fn two_server_processes_share_one_database() {
             assert_eq!(*h, e, "{who}: broadcast and stored differ");
         }
     }
+    // Nor did the other process's messages follow: each client's next frame
+    // is its own marker, sent after all of them were stored.
+    ca.expect_marker_next("alice is done");
+    cb.expect_marker_next("bob is done");
 }
 
 /// Process B deletes a room and creates it again while process A still
@@ -1156,22 +1158,19 @@ fn database_stops_and_restarts_under_connected_clients() {
     alice.send_content("lost");
     expect_error_frame(&mut alice, "store_unavailable", Duration::from_secs(15), &s);
     eprintln!("store_unavailable {:?} after the send", t.elapsed());
-    bob.expect_quiet(Duration::from_millis(500));
-    alice.expect_quiet(Duration::from_millis(200));
     s.get("/readyz").expect_error(503);
 
     ferret.start_again();
     let took = wait_ready(&s, Duration::from_secs(20));
     eprintln!("readyz 200 {took:?} after the database came back");
-    let back = alice.round_trip("back", Duration::from_secs(10));
+    // Nothing came of "lost": the next frame of each is alice's next message.
+    let back = alice.expect_marker_next("back");
     let b = bob.expect_json(Duration::from_secs(10));
     assert_eq!(b, back, "bob gets what alice got");
     assert!(
         back["seq"].as_i64() > first["seq"].as_i64(),
         "{back} after {first}"
     );
-    alice.expect_quiet(Duration::from_millis(300));
-    bob.expect_quiet(Duration::from_millis(100));
 
     let hist = s.messages("Resilient", "");
     assert_eq!(
@@ -1188,4 +1187,8 @@ fn database_stops_and_restarts_under_connected_clients() {
     // A fresh join after the recovery sees the same history.
     let mut carol = s.ws("Resilient", "carol");
     assert_eq!(carol.recv_n(2, WAIT), hist);
+    // And nothing more reached anyone: the next frame is a marker.
+    alice.expect_marker_next("the end");
+    bob.expect_content_next("the end");
+    carol.expect_content_next("the end");
 }
