@@ -104,6 +104,20 @@ pub fn parse_listening(line: &str) -> Option<SocketAddr> {
     rest[..end].parse().ok()
 }
 
+/// How long one HTTP call may take before the test fails (a guard against a
+/// hung server, not a bound on speed).
+const HTTP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The harness's HTTP client: statuses are answers, not errors; no proxy.
+fn http_agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .proxy(None)
+        .build()
+        .new_agent()
+}
+
 /// A running `chatserver` child process, killed on drop.
 pub struct Server {
     child: Option<Child>,
@@ -139,20 +153,20 @@ impl Server {
             .collect();
         let log: Log = Arc::new(Mutex::new(VecDeque::new()));
         let (child, addr) = spawn_server(root.path(), &env, &log);
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(15)))
-            .proxy(None)
-            .build()
-            .new_agent();
         Server {
             child: Some(child),
             addr,
             root,
             env,
             log,
-            agent,
+            agent: http_agent(HTTP_TIMEOUT),
         }
+    }
+
+    /// Allow each HTTP call `timeout` instead of [`HTTP_TIMEOUT`], for calls
+    /// that are slow by nature.
+    pub fn set_http_timeout(&mut self, timeout: Duration) {
+        self.agent = http_agent(timeout);
     }
 
     pub fn addr(&self) -> SocketAddr {
