@@ -348,11 +348,6 @@ fn login_against_a_hash_of_absurd_cost_is_refused_quickly() {
     }
     // Both hash threads are free: a normal login still works.
     s.login(&light, PASSWORD);
-    assert!(
-        s.log_text().contains("bcrypt cost above 16"),
-        "{}",
-        s.log_text()
-    );
 }
 
 #[test]

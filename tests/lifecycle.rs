@@ -471,9 +471,4 @@ fn readyz_fails_once_the_database_file_is_removed() {
     std::fs::remove_file(s.data_dir().join("chatconnect.db")).expect("remove the database");
     let r = s.get("/readyz");
     assert_eq!(r.status, 503, "{r:?}");
-    assert!(
-        s.log_text().contains("removed or replaced"),
-        "{}",
-        s.log_text()
-    );
 }
