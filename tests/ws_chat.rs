@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-const QUIET: Duration = Duration::from_millis(400);
-
 #[test]
 fn echo_has_the_message_frame_shape() {
     let s = Server::start();
@@ -67,20 +65,8 @@ fn all_members_see_the_same_messages_in_the_same_order() {
                 for i in 0..PER {
                     c.send_content(&format!("{u}-{i}"));
                 }
-                let mut got = Vec::new();
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while got.len() < PER * 3 + 5 {
-                    let wait = if got.len() >= PER * 3 {
-                        Duration::from_millis(300) // anything extra is a duplicate
-                    } else {
-                        deadline.saturating_duration_since(Instant::now())
-                    };
-                    match c.recv_json(wait) {
-                        Some(m) => got.push(m),
-                        None => break,
-                    }
-                }
-                tx.send((u, got)).expect("send result");
+                let got = c.recv_n(PER * 3, Duration::from_secs(10));
+                tx.send((u, got, c)).expect("send result");
             })
         })
         .collect();
@@ -88,9 +74,16 @@ fn all_members_see_the_same_messages_in_the_same_order() {
     for h in handles {
         h.join().expect("member thread");
     }
-    let results: Vec<(&str, Vec<Value>)> = rx.iter().collect();
+    let mut results: Vec<(&str, Vec<Value>, WsClient)> = rx.iter().collect();
     assert_eq!(results.len(), 3);
-    for (u, got) in &results {
+    // Nothing more (no duplicate) is on its way to anyone: the next frame of
+    // every member is a marker sent after all of it.
+    results[0].2.send_content("marker");
+    for (u, _, c) in &mut results {
+        let m = c.expect_content_next("marker");
+        assert_eq!(m["seq"], (PER * 3 + 1) as i64, "member {u}: {m}");
+    }
+    for (u, got, _) in &results {
         assert_eq!(
             seqs(got),
             (1..=(PER * 3) as i64).collect::<Vec<_>>(),
@@ -103,7 +96,7 @@ fn all_members_see_the_same_messages_in_the_same_order() {
         (1..=(PER * 3) as i64).collect::<Vec<_>>(),
         "seq increases by 1"
     );
-    for (u, got) in &results {
+    for (u, got, _) in &results {
         assert_eq!(
             got, first,
             "member {u} saw a different stream than {}",
@@ -167,8 +160,7 @@ fn missing_username_is_anonymous() {
     let m = c.round_trip("who am i", WAIT);
     assert_eq!(m["username"], "Anonymous");
     let mut c2 = s.ws_path(&format!("/ws/{}?username=", enc(&room)));
-    c2.drain_quiet(QUIET);
-    let m = c2.round_trip("and me", WAIT);
+    let m = c2.round_trip("and me", WAIT); // after the history
     assert_eq!(m["username"], "Anonymous");
 }
 
@@ -179,10 +171,10 @@ fn messages_stay_in_their_room() {
     let mut a = s.ws(&ra, "a");
     let mut b = s.ws(&rb, "b");
     a.round_trip("for A only", WAIT);
-    b.expect_quiet(QUIET);
-    b.round_trip("for B only", WAIT);
-    a.expect_quiet(QUIET);
-    assert_eq!(seqs(&s.messages(&ra, "")), vec![1]);
+    // A's message went out with its echo: b's next frame is its own.
+    b.expect_marker_next("for B only");
+    a.expect_marker_next("A again");
+    assert_eq!(seqs(&s.messages(&ra, "")), vec![1, 2]);
     assert_eq!(seqs(&s.messages(&rb, "")), vec![1]);
 }
 
@@ -193,7 +185,7 @@ fn joiner_gets_newest_50_oldest_first() {
     let echoes = post_messages(&s, &room, "poster", "h", 60);
     assert_eq!(seqs(&echoes), (1..=60).collect::<Vec<_>>());
     let mut j = s.ws(&room, "joiner");
-    let hist = j.drain_quiet(QUIET);
+    let hist = j.recv_n(50, WAIT);
     assert_eq!(
         seqs(&hist),
         (11..=60).collect::<Vec<_>>(),
@@ -202,8 +194,8 @@ fn joiner_gets_newest_50_oldest_first() {
     for (h, e) in hist.iter().zip(&echoes[10..]) {
         assert_eq!(h, e, "history frame differs from the live frame");
     }
-    // Then live traffic.
-    let m = j.round_trip("after history", WAIT);
+    // Nothing more, then live traffic.
+    let m = j.expect_marker_next("after history");
     assert_eq!(m["seq"], 61);
 }
 
@@ -213,14 +205,15 @@ fn history_limit_is_configurable() {
     let room = uniq("Short");
     post_messages(&s, &room, "poster", "s", 12);
     let mut j = s.ws(&room, "joiner");
-    assert_eq!(seqs(&j.drain_quiet(QUIET)), (8..=12).collect::<Vec<_>>());
+    assert_eq!(seqs(&j.recv_n(5, WAIT)), (8..=12).collect::<Vec<_>>());
+    assert_eq!(j.expect_marker_next("after history")["seq"], 13);
 }
 
 #[test]
 fn new_room_has_no_history() {
     let s = Server::start();
     let mut c = s.ws(&uniq("Fresh"), "x");
-    c.expect_quiet(QUIET);
+    assert_eq!(c.expect_marker_next("first")["seq"], 1);
 }
 
 #[test]
@@ -231,28 +224,29 @@ fn since_resumes_after_a_seq() {
     let path = |since: &str| format!("/ws/{}?username=back&since={since}", enc(&room));
 
     let mut c = s.ws_path(&path("55"));
-    let got = c.drain_quiet(QUIET);
+    let got = c.recv_n(5, WAIT);
     assert_eq!(seqs(&got), (56..=60).collect::<Vec<_>>());
     assert_eq!(got[0]["content"], "r-55");
-    let m = c.round_trip("after resume", WAIT);
+    let m = c.expect_marker_next("after resume");
     assert_eq!(m["seq"], 61);
 
     // since=0: everything (more than the 50 of plain history).
     let mut c = s.ws_path(&path("0"));
-    assert_eq!(seqs(&c.drain_quiet(QUIET)), (1..=61).collect::<Vec<_>>());
+    assert_eq!(seqs(&c.recv_n(61, WAIT)), (1..=61).collect::<Vec<_>>());
+    assert_eq!(c.expect_marker_next("caught up")["seq"], 62);
 
     // since at the newest: nothing, then live.
-    let mut c = s.ws_path(&path("61"));
-    c.expect_quiet(QUIET);
+    let mut c = s.ws_path(&path("62"));
+    assert_eq!(c.expect_marker_next("live again")["seq"], 63);
     // since beyond the newest is not a position in this room: the newest
     // 50, as for a new member, then live.
     let mut c2 = s.ws_path(&path("500"));
-    assert_eq!(seqs(&c2.drain_quiet(QUIET)), (12..=61).collect::<Vec<_>>());
-    c.round_trip("live again", WAIT);
-    let m = c2.expect_json(WAIT);
+    assert_eq!(seqs(&c2.recv_n(50, WAIT)), (14..=63).collect::<Vec<_>>());
+    assert_eq!(c2.expect_marker_next("and live")["seq"], 64);
+    let m = c.expect_json(WAIT);
     assert_eq!(
         (m["seq"].as_i64(), m["content"].as_str()),
-        (Some(62), Some("live again"))
+        (Some(64), Some("and live"))
     );
 }
 
@@ -267,10 +261,10 @@ fn since_from_a_deleted_room_gets_the_new_rooms_messages() {
     assert_eq!(r.status, 200, "{r:?}");
     post_messages(&s, &room, "owner", "new", 3);
     let mut c = s.ws_path(&format!("/ws/{}?username=back&since=30", enc(&room)));
-    let got = c.drain_quiet(QUIET);
+    let got = c.recv_n(3, WAIT);
     assert_eq!(seqs(&got), vec![1, 2, 3], "{got:?}");
     assert_eq!(got[0]["content"], "new-0");
-    let m = c.round_trip("back again", WAIT);
+    let m = c.expect_marker_next("back again");
     assert_eq!(m["seq"], 4);
 }
 
@@ -280,12 +274,13 @@ fn since_sends_at_most_the_newest_1000() {
     let room = uniq("Backlog");
     post_messages(&s, &room, "poster", "k", 1010);
     let mut c = s.ws_path(&format!("/ws/{}?username=late&since=0", enc(&room)));
-    let got = c.drain_quiet(Duration::from_millis(800));
+    let got = c.recv_n(1000, Duration::from_secs(20));
     assert_eq!(
         seqs(&got),
         (11..=1010).collect::<Vec<_>>(),
         "since=0 with 1010 stored: the newest 1000"
     );
+    assert_eq!(c.expect_marker_next("nothing more")["seq"], 1011);
     // The client pages the gap over REST.
     let gap = s.messages(&room, "before=11&limit=200");
     assert_eq!(seqs(&gap), (1..=10).collect::<Vec<_>>());
@@ -328,7 +323,9 @@ fn joining_while_room_is_busy_loses_and_duplicates_nothing() {
             None => break,
         }
     }
-    joiner.expect_quiet(Duration::from_millis(300));
+    // Nothing after the last: the next frame is a marker.
+    let marker = joiner.expect_marker_next("joiner done");
+    assert_eq!(marker["seq"], N as i64 + 1);
     let sender_seqs = t.join().expect("sender thread");
     assert_eq!(
         sender_seqs,
@@ -458,9 +455,10 @@ fn invalid_messages_get_error_frames_and_are_not_stored() {
     let m = c.round_trip("  padded  ", WAIT);
     assert_eq!(m["content"], "  padded  ");
     // The watcher saw only the three accepted messages, never an error frame.
-    let seen = watcher.drain_quiet(QUIET);
+    let seen = watcher.recv_n(3, WAIT);
     assert_eq!(seqs(&seen), vec![1, 2, 3]);
     assert_eq!(seqs(&s.messages(&room, "")), vec![1, 2, 3]);
+    watcher.expect_marker_next("nothing else");
 }
 
 #[test]
@@ -550,8 +548,7 @@ fn deleting_a_room_closes_members_with_4404() {
     assert_eq!(b.recv_until_close(WAIT), (4404, "room deleted".to_string()));
     // A new room of the same name starts empty.
     let mut c = s.ws(&room, "newcomer");
-    c.expect_quiet(QUIET);
-    let m = c.round_trip("fresh start", WAIT);
+    let m = c.expect_marker_next("fresh start");
     assert_eq!(s.messages(&room, ""), vec![m.clone()]);
     let list = s.rooms();
     let found = list
@@ -698,8 +695,7 @@ fn deleting_a_busy_room_keeps_its_messages_out_of_the_next_room_of_that_name() {
         let r = s.get(&format!("/rooms/{}/messages?limit=100", enc(&room)));
         // Whatever the race left, the name is usable again at once.
         let mut after = s.ws(&room, "after");
-        after.drain_quiet(QUIET);
-        after.round_trip("after the delete", WAIT);
+        after.round_trip("after the delete", WAIT); // after any history
         if r.status == 404 {
             continue; // nobody created it again
         }

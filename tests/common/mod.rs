@@ -28,6 +28,22 @@ use tungstenite::{Message, WebSocket};
 /// Default time any single expected event may take.
 pub const WAIT: Duration = Duration::from_secs(5);
 
+/// How long a marker's echo may take (see [`WsClient::expect_marker_next`]).
+///
+/// Absence is proven with a marker, never with a quiet window: after the
+/// action under test, a member sends a message and reads up to its echo.
+/// The server queues a member's frames in order, and broadcasts a room's
+/// messages in `seq` order after the member's history; so whatever it
+/// queued to this member before it stored the marker (history, a
+/// broadcast, an error frame) arrives before the echo. "Nothing arrived"
+/// is "the echo is the next frame", however slow the server is, where a
+/// quiet window proves only that nothing arrived in time. The marker is a
+/// stored message like any other (it takes the next `seq`).
+pub const MARKER_WAIT: Duration = Duration::from_secs(10);
+
+/// Frames read while looking for a marker before giving up.
+const MARKER_MAX_BEFORE: usize = 10_000;
+
 /// How long the server may take to print its `listening on` line.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -89,6 +105,20 @@ pub fn parse_listening(line: &str) -> Option<SocketAddr> {
     rest[..end].parse().ok()
 }
 
+/// How long one HTTP call may take before the test fails (a guard against a
+/// hung server, not a bound on speed).
+const HTTP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The harness's HTTP client: statuses are answers, not errors; no proxy.
+fn http_agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .proxy(None)
+        .build()
+        .new_agent()
+}
+
 /// A running `chatserver` child process, killed on drop.
 pub struct Server {
     child: Option<Child>,
@@ -124,20 +154,20 @@ impl Server {
             .collect();
         let log: Log = Arc::new(Mutex::new(VecDeque::new()));
         let (child, addr) = spawn_server(root.path(), &env, &log);
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(15)))
-            .proxy(None)
-            .build()
-            .new_agent();
         Server {
             child: Some(child),
             addr,
             root,
             env,
             log,
-            agent,
+            agent: http_agent(HTTP_TIMEOUT),
         }
+    }
+
+    /// Allow each HTTP call `timeout` instead of [`HTTP_TIMEOUT`], for calls
+    /// that are slow by nature.
+    pub fn set_http_timeout(&mut self, timeout: Duration) {
+        self.agent = http_agent(timeout);
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -419,6 +449,18 @@ impl Server {
             .unwrap_or_else(|| panic!("not an array: {r:?}"))
     }
 
+    /// The newest `seq` of a room through REST; 0 for a room without
+    /// messages or without a room.
+    pub fn newest_seq(&self, room: &str) -> i64 {
+        let path = format!("/rooms/{}/messages?limit=1", enc(room));
+        let r = self.get(&path);
+        match r.status {
+            404 => 0,
+            200 => r.json()[0]["seq"].as_i64().unwrap_or(0),
+            _ => panic!("GET {path}: {r:?}"),
+        }
+    }
+
     /// The rooms listed by `GET /rooms` (asserting 200 and an array).
     pub fn rooms(&self) -> Vec<Value> {
         let r = self.get("/rooms");
@@ -434,6 +476,25 @@ impl Server {
         let r = self.get("/metrics");
         assert_eq!(r.status, 200, "GET /metrics: {r:?}");
         r.body
+    }
+
+    /// Poll `/metrics` until the sample `name` (with its labels, if any)
+    /// satisfies `ok`, and return it; panics after [`WAIT`], saying it was
+    /// waiting for `what`.
+    pub fn await_metric(&self, name: &str, what: &str, ok: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = metric_value(&self.metrics(), name);
+            if let Some(v) = v.filter(|v| ok(*v)) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {name} is {v:?} after {WAIT:?}\n--- server log ---\n{}",
+                self.log_text()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     // --- WebSocket --------------------------------------------------------
@@ -988,27 +1049,6 @@ impl WsClient {
         out
     }
 
-    /// Frames until none arrives for `quiet` (at most 10 000 frames / 30 s).
-    pub fn drain_quiet(&mut self, quiet: Duration) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut out = Vec::new();
-        while out.len() < 10_000 && Instant::now() < deadline {
-            match self.recv_json(quiet) {
-                Some(v) => out.push(v),
-                None => break,
-            }
-        }
-        out
-    }
-
-    /// Assert that no text frame arrives during `d`.
-    pub fn expect_quiet(&mut self, d: Duration) {
-        match self.recv(d) {
-            Event::Timeout => {}
-            other => panic!("expected silence for {d:?}, got {other:?}"),
-        }
-    }
-
     /// Read until a close frame; returns (code, reason). Panics on timeout or
     /// when the connection ends without a close frame.
     pub fn recv_until_close(&mut self, timeout: Duration) -> (u16, String) {
@@ -1041,12 +1081,47 @@ impl WsClient {
         }
     }
 
-    /// Send `contents` one by one and collect exactly as many echoes.
-    pub fn send_all_and_collect(&mut self, contents: &[String], timeout: Duration) -> Vec<Value> {
-        for c in contents {
-            self.send_content(c);
+    /// The frames received before the message whose content is `content`
+    /// (sent by this member or another), and that message. Panics when it
+    /// does not come within `timeout`.
+    fn recv_until_content(&mut self, content: &str, timeout: Duration) -> (Vec<Value>, Value) {
+        let deadline = Instant::now() + timeout;
+        let mut before = Vec::new();
+        for _ in 0..MARKER_MAX_BEFORE {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let m = self.recv_json(left).unwrap_or_else(|| {
+                panic!(
+                    "no message {content:?} within {timeout:?}; {} frames before it: {:?}",
+                    before.len(),
+                    before.last()
+                )
+            });
+            if m.get("seq").is_some() && m["content"] == content {
+                return (before, m);
+            }
+            before.push(m);
         }
-        self.recv_n(contents.len(), timeout)
+        panic!("over {MARKER_MAX_BEFORE} frames before the message {content:?}");
+    }
+
+    /// Send `marker` as a message and assert that its echo is the next
+    /// frame: nothing else was on its way to this member (see
+    /// [`MARKER_WAIT`] for why). Returns the echo.
+    pub fn expect_marker_next(&mut self, marker: &str) -> Value {
+        self.send_content(marker);
+        self.expect_content_next(marker)
+    }
+
+    /// Assert that the next frame is the message `content` (a marker another
+    /// member sent). Returns it.
+    pub fn expect_content_next(&mut self, content: &str) -> Value {
+        let (before, m) = self.recv_until_content(content, MARKER_WAIT);
+        assert!(
+            before.is_empty(),
+            "expected the message {content:?} next, got {} frames first: {before:?}",
+            before.len()
+        );
+        m
     }
 }
 
@@ -1059,14 +1134,21 @@ pub fn post_messages(
     prefix: &str,
     n: usize,
 ) -> Vec<Value> {
-    let mut c = server.ws(room, user);
-    // A fresh member of an existing room first receives history.
-    let _history = c.drain_quiet(Duration::from_millis(300));
+    // Joined after the room's newest message: no history comes first.
+    let newest = server.newest_seq(room);
+    let mut c = server.ws_path(&format!(
+        "/ws/{}?username={}&since={newest}",
+        enc(room),
+        enc(user)
+    ));
     let contents: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
     let mut out = Vec::with_capacity(n);
     // Send in chunks so neither side's buffers matter.
     for chunk in contents.chunks(100) {
-        let echoes = c.send_all_and_collect(chunk, Duration::from_secs(20));
+        for content in chunk {
+            c.send_content(content);
+        }
+        let echoes = c.recv_n(chunk.len(), Duration::from_secs(20));
         for (e, want) in echoes.iter().zip(chunk) {
             assert_eq!(
                 e["content"].as_str(),

@@ -172,14 +172,67 @@ macro_rules! store_suite_tests {
                 $crate::store_suite::$name(&*handle.store);
             }
         )*
-        /// The macro's list and `ALL` must name the same functions.
+        /// Every check of the suite runs: see `store_suite::assert_complete`.
         #[test]
         fn suite_list_is_complete() {
-            let mine: &[&str] = &[$(stringify!($name)),*];
-            let all: Vec<&str> = $crate::store_suite::ALL.iter().map(|(n, _)| *n).collect();
-            assert_eq!(mine, &all[..]);
+            $crate::store_suite::assert_complete(&[$(stringify!($name)),*]);
         }
     };
+}
+
+/// The macro's list, [`ALL`] and the checks this file declares (every
+/// `pub fn NAME(store: &dyn Store)`, read from its own source) must name the
+/// same functions, so that a check left out of both lists fails the suite
+/// instead of silently never running.
+pub fn assert_complete(macro_list: &[&str]) {
+    let all: Vec<&str> = ALL.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        macro_list,
+        &all[..],
+        "store_suite_tests! and ALL must list the same checks in the same order"
+    );
+    let declared = declared_checks();
+    let not_in = |names: &[&'static str], list: &[&str]| -> Vec<&'static str> {
+        names
+            .iter()
+            .copied()
+            .filter(|n| !list.contains(n))
+            .collect()
+    };
+    let unlisted = not_in(&declared, &all);
+    assert!(
+        unlisted.is_empty(),
+        "checks in store_suite.rs that ALL and store_suite_tests! do not list: {unlisted:?}"
+    );
+    let unknown = not_in(&all, &declared);
+    assert!(
+        unknown.is_empty(),
+        "listed, but no `pub fn NAME(store: &dyn Store)` in store_suite.rs: {unknown:?}"
+    );
+}
+
+/// The names of the `pub fn`s of this file whose one parameter is a
+/// `&dyn Store`: the checks.
+fn declared_checks() -> Vec<&'static str> {
+    include_str!("store_suite.rs")
+        .split("\npub fn ")
+        .skip(1)
+        .filter_map(|rest| {
+            let (name, after) = rest.split_once('(')?;
+            let params: Vec<&str> = after
+                .split_once(')')?
+                .0
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .collect();
+            let [param] = params.as_slice() else {
+                return None;
+            };
+            let (_, ty) = param.split_once(':')?;
+            (ty.trim() == "&dyn Store").then_some(name.trim())
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
