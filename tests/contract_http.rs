@@ -11,27 +11,6 @@ use common::contract::*;
 use common::*;
 use serde_json::json;
 
-/// Send `bytes` on a fresh connection: the answer must be `status` with a
-/// JSON error, and the server must close the connection after it.
-fn assert_refused_and_closed(s: &Server, bytes: &[u8], status: u16) {
-    let shown = String::from_utf8_lossy(bytes).into_owned();
-    let mut c = RawHttp::connect(s.addr());
-    c.send(bytes);
-    let r = c
-        .read_response(WAIT)
-        .unwrap_or_else(|e| panic!("{shown:?}: {e}"));
-    assert_eq!(r.status, status, "{shown:?}: {}", r.body_text());
-    assert!(
-        r.json()["error"].as_str().is_some_and(|e| !e.is_empty()),
-        "{shown:?}: {}",
-        r.body_text()
-    );
-    assert!(
-        c.closed_within(WAIT),
-        "{shown:?}: connection left open after {status}"
-    );
-}
-
 #[test]
 fn head_is_answered_wherever_get_is_with_the_same_head_and_no_body() {
     let s = Server::start();

@@ -10,6 +10,7 @@ use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::contract::assert_refused_and_closed;
 use common::*;
 
 fn get_req(path: &str, extra: &str) -> String {
@@ -110,28 +111,6 @@ fn keep_alive_serves_many_sequential_requests() {
     }
 }
 
-fn assert_400_and_closed(s: &Server, bytes: &[u8]) {
-    let mut c = RawHttp::connect(s.addr());
-    c.send(bytes);
-    let r = c
-        .read_response(WAIT)
-        .unwrap_or_else(|e| panic!("malformed {:?}: {e}", String::from_utf8_lossy(bytes)));
-    assert_eq!(
-        r.status,
-        400,
-        "malformed {:?}: {}",
-        String::from_utf8_lossy(bytes),
-        r.body_text()
-    );
-    let v = r.json();
-    assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
-    assert!(
-        c.closed_within(WAIT),
-        "connection left open after a malformed request {:?}",
-        String::from_utf8_lossy(bytes)
-    );
-}
-
 #[test]
 fn malformed_requests_get_400_and_close() {
     let s = Server::start();
@@ -154,7 +133,7 @@ fn malformed_requests_get_400_and_close() {
         b"DELETE /rooms?name=a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\r\n\r\n",
     ];
     for bytes in cases {
-        assert_400_and_closed(&s, bytes);
+        assert_refused_and_closed(&s, bytes, 400);
     }
     // A header the server does not read may carry any octets.
     let r = raw_request(

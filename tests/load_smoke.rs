@@ -19,6 +19,7 @@ use std::process::{Child, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+use common::contract::ensure_fd_limit;
 use common::{parse_listening, server_command};
 use tokio::sync::Semaphore;
 use ws_client::{field_seq, field_str, ws_path, WsConn, OP_CLOSE, OP_TEXT};
@@ -135,21 +136,6 @@ fn log_text(log: &Arc<Mutex<VecDeque<String>>>) -> String {
     l.iter().cloned().collect::<Vec<_>>().join("\n")
 }
 
-/// Let this process (and the server it starts) open a few thousand sockets.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain calls with a valid pointer to a local.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < 8192 {
-            lim.rlim_cur = lim.rlim_max.min(8192);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -243,7 +229,7 @@ fn idle_websockets_cost_at_most_4_kib_each() {
     const CONNS: usize = 2000;
     const ROOMS: usize = 4;
     const HISTORY: usize = 5;
-    raise_fd_limit();
+    ensure_fd_limit(8192);
     let server = Server::start();
     let addr = server.addr;
     let rt = runtime();
@@ -287,7 +273,7 @@ fn a_room_of_500_gets_all_1000_messages_in_order() {
     const MEMBERS: usize = 500;
     const MESSAGES: usize = 1000;
     const HISTORY: usize = 3;
-    raise_fd_limit();
+    ensure_fd_limit(8192);
     let server = Server::start();
     let addr = server.addr;
     let rt = runtime();

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{find_subslice, metric_value, RawResponse, Server, WAIT, WS_UPGRADE_HEADERS};
+use super::{find_subslice, metric_value, RawHttp, RawResponse, Server, WAIT, WS_UPGRADE_HEADERS};
 
 /// Send `sig` (`libc::SIGINT`, `libc::SIGTERM`, ...) to the server process.
 pub fn signal(s: &Server, sig: libc::c_int) {
@@ -169,4 +169,25 @@ impl Parsed {
             thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// Send `bytes` on a fresh connection: the answer must be `status` with a
+/// JSON error, and the server must close the connection after it.
+pub fn assert_refused_and_closed(s: &Server, bytes: &[u8], status: u16) {
+    let shown = String::from_utf8_lossy(bytes).into_owned();
+    let mut c = RawHttp::connect(s.addr());
+    c.send(bytes);
+    let r = c
+        .read_response(WAIT)
+        .unwrap_or_else(|e| panic!("{shown:?}: {e}"));
+    assert_eq!(r.status, status, "{shown:?}: {}", r.body_text());
+    assert!(
+        r.json()["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{shown:?}: {}",
+        r.body_text()
+    );
+    assert!(
+        c.closed_within(WAIT),
+        "{shown:?}: connection left open after {status}"
+    );
 }
