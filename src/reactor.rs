@@ -713,7 +713,6 @@ impl Reactor {
     fn read_http(&mut self, token: usize) {
         let cap = self.cfg.http_max_head + self.cfg.http_max_body + READ_CHUNK;
         let header_timeout = self.cfg.http_header_timeout;
-        let idle_timeout = self.cfg.http_idle_timeout;
         let Some(h) = self.http_mut(token) else {
             return;
         };
@@ -851,6 +850,7 @@ impl Reactor {
     fn respond(&mut self, token: usize, resp: Response, keep_alive: bool, head_only: bool) {
         let bytes = http::serialize(&resp, keep_alive, head_only, &self.headers);
         let header_timeout = self.cfg.http_header_timeout;
+        let idle_timeout = self.cfg.http_idle_timeout;
         let Some(h) = self.http_mut(token) else {
             return;
         };
