@@ -1,11 +1,17 @@
 //! A keep-alive HTTP/1.1 client, just enough for the coordinator's own
 //! requests: `POST /register` and `/login` (login scenario), `GET /rooms`
-//! (rest scenario, when wrk is not installed).
+//! (rest scenario, when wrk is not installed), and `repeat`, the request
+//! loops both scenarios load the server with.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::hist::Hist;
+use crate::ws_client::mono_ns;
 
 /// A keep-alive HTTP/1.1 client connection.
 pub struct Http {
@@ -108,5 +114,95 @@ pub async fn http_once(
     match tokio::time::timeout(Duration::from_secs(30), fut).await {
         Ok(r) => r.map_err(|e| format!("{method} {path}: {e}")),
         Err(_) => Err(format!("{method} {path}: no answer within 30 s")),
+    }
+}
+
+/// One request that `repeat` sends again and again.
+pub struct Request {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub body: Option<String>,
+    /// Longest wait for one answer.
+    pub limit: Duration,
+}
+
+/// What the loops of `repeat` got: answers 200 with their latency (µs),
+/// and the requests that failed or were answered otherwise.
+#[derive(Default)]
+pub struct Tally {
+    pub ok: u64,
+    pub failed: u64,
+    pub hist: Hist,
+}
+
+/// `conns` loops, each on a keep-alive connection of its own, sending `req`
+/// as soon as the last answer came, for `secs`. A loop reconnects when its
+/// connection breaks or a connect fails (5 s at most, then 50 ms apart).
+pub fn repeat(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    req: Request,
+    conns: usize,
+    secs: f64,
+) -> Tally {
+    let local = tokio::task::LocalSet::new();
+    let req = Rc::new(req);
+    let tally = Rc::new(RefCell::new(Tally::default()));
+    let end = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
+    local.block_on(rt, async {
+        let mut hs = Vec::new();
+        for _ in 0..conns {
+            hs.push(tokio::task::spawn_local(request_loop(
+                addr,
+                req.clone(),
+                end,
+                tally.clone(),
+            )));
+        }
+        for h in hs {
+            let _ = h.await;
+        }
+    });
+    tally.take()
+}
+
+async fn request_loop(
+    addr: SocketAddr,
+    req: Rc<Request>,
+    end: tokio::time::Instant,
+    tally: Rc<RefCell<Tally>>,
+) {
+    let mut conn: Option<Http> = None;
+    while tokio::time::Instant::now() < end {
+        let mut h = match conn.take() {
+            Some(h) => h,
+            None => match tokio::time::timeout(Duration::from_secs(5), Http::connect(addr)).await {
+                Ok(Ok(h)) => h,
+                _ => {
+                    tally.borrow_mut().failed += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let t = mono_ns();
+        let r = tokio::time::timeout(
+            req.limit,
+            h.request(req.method, req.path, req.body.as_deref()),
+        )
+        .await;
+        let mut s = tally.borrow_mut();
+        match r {
+            Ok(Ok((200, _))) => {
+                s.ok += 1;
+                s.hist.record((mono_ns() - t) / 1000);
+                conn = Some(h);
+            }
+            Ok(Ok(_)) => {
+                s.failed += 1;
+                conn = Some(h);
+            }
+            _ => s.failed += 1,
+        }
     }
 }

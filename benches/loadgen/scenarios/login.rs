@@ -8,16 +8,14 @@
 //! Called by `main` for `loadgen login` (scripts/bench.sh runs it against
 //! each target; the floor has no login, so it gets round trips only).
 
-use std::cell::RefCell;
 use std::net::SocketAddr;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cli::Ctx;
 use crate::hist::{ms, Hist};
-use crate::http::{http_once, Http};
+use crate::http::{http_once, repeat, Request, Tally};
 use crate::sys::runtime;
 use crate::ws_client::{
     self, field_str, mono_ns, ws_path, WsConn, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT,
@@ -65,33 +63,23 @@ pub fn run(ctx: &Ctx) -> Result<Outcome, String> {
     std::thread::sleep(Duration::from_secs_f64(quiet));
     phase.store(1, Ordering::SeqCst);
     let t0 = Instant::now();
-    let mut login_hist = Hist::default();
-    let (mut ok, mut bad) = (0u64, 0u64);
-    if supported {
-        let local = tokio::task::LocalSet::new();
-        let stats = Rc::new(RefCell::new((0u64, 0u64, Hist::default())));
-        let end = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
-        local.block_on(&rt, async {
-            let mut hs = Vec::new();
-            for _ in 0..logins {
-                hs.push(tokio::task::spawn_local(login_loop(
-                    ctx.addr,
-                    body.clone(),
-                    end,
-                    stats.clone(),
-                )));
-            }
-            for h in hs {
-                let _ = h.await;
-            }
-        });
-        let s = stats.borrow();
-        ok = s.0;
-        bad = s.1;
-        login_hist = s.2.clone();
+    let tally = if supported {
+        let login = Request {
+            method: "POST",
+            path: "/login",
+            body: Some(body),
+            limit: Duration::from_secs(30),
+        };
+        repeat(&rt, ctx.addr, login, logins, secs)
     } else {
         std::thread::sleep(Duration::from_secs_f64(secs));
-    }
+        Tally::default()
+    };
+    let Tally {
+        ok,
+        failed: bad,
+        hist: login_hist,
+    } = tally;
     let elapsed = t0.elapsed().as_secs_f64();
     phase.store(2, Ordering::SeqCst);
     let RttHists {
@@ -147,47 +135,6 @@ pub fn run(ctx: &Ctx) -> Result<Outcome, String> {
             .push(format!("{lost} round trips lost, {ok} logins"));
     }
     Ok(out)
-}
-
-async fn login_loop(
-    addr: SocketAddr,
-    body: String,
-    end: tokio::time::Instant,
-    stats: Rc<RefCell<(u64, u64, Hist)>>,
-) {
-    let mut conn: Option<Http> = None;
-    while tokio::time::Instant::now() < end {
-        let mut h = match conn.take() {
-            Some(h) => h,
-            None => match tokio::time::timeout(Duration::from_secs(5), Http::connect(addr)).await {
-                Ok(Ok(h)) => h,
-                _ => {
-                    stats.borrow_mut().1 += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let t = mono_ns();
-        let r = tokio::time::timeout(
-            Duration::from_secs(30),
-            h.request("POST", "/login", Some(&body)),
-        )
-        .await;
-        let mut s = stats.borrow_mut();
-        match r {
-            Ok(Ok((200, _))) => {
-                s.0 += 1;
-                s.2.record((mono_ns() - t) / 1000);
-                conn = Some(h);
-            }
-            Ok(Ok(_)) => {
-                s.1 += 1;
-                conn = Some(h);
-            }
-            _ => s.1 += 1,
-        }
-    }
 }
 
 /// Send a message every `interval` ms and wait for its echo: round-trip

@@ -5,19 +5,16 @@
 //! Called by `main` for `loadgen rest` (scripts/bench.sh runs it against
 //! each target).
 
-use std::cell::RefCell;
 use std::process::{Command, Stdio};
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use crate::cli::Ctx;
-use crate::hist::{ms, Hist};
-use crate::http::{http_once, Http};
+use crate::hist::ms;
+use crate::http::{http_once, repeat, Request};
 use crate::seed::seed_rooms;
 use crate::sys::runtime;
-use crate::ws_client::mono_ns;
 use crate::Outcome;
 
 /// A program on the `PATH`.
@@ -77,73 +74,26 @@ pub fn run(ctx: &Ctx) -> Result<Outcome, String> {
             out.notes.push(format!("{} answers were not 2xx", w.3));
         }
     } else {
-        let local = tokio::task::LocalSet::new();
-        let stats = Rc::new(RefCell::new((0u64, 0u64, Hist::default())));
-        let end = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
         let t0 = Instant::now();
-        local.block_on(&rt, async {
-            let mut hs = Vec::new();
-            for _ in 0..conns {
-                let stats = stats.clone();
-                let addr = ctx.addr;
-                hs.push(tokio::task::spawn_local(async move {
-                    let mut conn: Option<Http> = None;
-                    while tokio::time::Instant::now() < end {
-                        let mut h = match conn.take() {
-                            Some(h) => h,
-                            None => match tokio::time::timeout(
-                                Duration::from_secs(5),
-                                Http::connect(addr),
-                            )
-                            .await
-                            {
-                                Ok(Ok(h)) => h,
-                                _ => {
-                                    stats.borrow_mut().1 += 1;
-                                    tokio::time::sleep(Duration::from_millis(50)).await;
-                                    continue;
-                                }
-                            },
-                        };
-                        let t = mono_ns();
-                        let r = tokio::time::timeout(
-                            Duration::from_secs(10),
-                            h.request("GET", "/rooms", None),
-                        )
-                        .await;
-                        let mut s = stats.borrow_mut();
-                        match r {
-                            Ok(Ok((200, _))) => {
-                                s.0 += 1;
-                                s.2.record((mono_ns() - t) / 1000);
-                                conn = Some(h);
-                            }
-                            Ok(Ok(_)) => {
-                                s.1 += 1;
-                                conn = Some(h);
-                            }
-                            _ => s.1 += 1,
-                        }
-                    }
-                }));
-            }
-            for h in hs {
-                let _ = h.await;
-            }
-        });
+        let rooms = Request {
+            method: "GET",
+            path: "/rooms",
+            body: None,
+            limit: Duration::from_secs(10),
+        };
+        let s = repeat(&rt, ctx.addr, rooms, conns, secs);
         let elapsed = t0.elapsed().as_secs_f64();
-        let s = stats.borrow();
-        out.set("requests_per_s", (s.0 as f64 / elapsed).round());
-        out.set("p50_ms", ms(s.2.quantile(0.5)));
-        out.set("p99_ms", ms(s.2.quantile(0.99)));
-        out.set("non_2xx", s.1 as f64);
+        out.set("requests_per_s", (s.ok as f64 / elapsed).round());
+        out.set("p50_ms", ms(s.hist.quantile(0.5)));
+        out.set("p99_ms", ms(s.hist.quantile(0.99)));
+        out.set("non_2xx", s.failed as f64);
         out.details = json!({ "tool": "built-in keep-alive client", "conns": conns });
         out.notes
             .push("wrk not found: built-in client (install wrk for the usual figure)".into());
-        if s.1 > 0 {
+        if s.failed > 0 {
             out.ok = false;
             out.notes
-                .push(format!("{} requests failed or were not 200", s.1));
+                .push(format!("{} requests failed or were not 200", s.failed));
         }
     }
     eprintln!(
