@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::cli::{Ctx, Kind, Opts};
+use crate::cli::{Ctx, Opts};
 use crate::hist::{ms, Hist};
 use crate::sys::cpu_secs;
 use crate::verdict;
 use crate::workers::pool::Pool;
-use crate::workers::{merge_status, Group, Spec, StepPlan, WorkerCmd, WorkerMsg};
+use crate::workers::{merge_status, Group, StepPlan, WorkerCmd, WorkerMsg};
 use crate::ws_client::mono_ns;
 use crate::Outcome;
 
@@ -101,6 +101,33 @@ struct StepSummary {
 }
 
 impl StepSummary {
+    /// The step's line on stderr, and one more when something was lost.
+    fn log(&self) {
+        let s = self;
+        eprintln!(
+            "  step {}: {:.1} msg/s: {}/{} delivered, {:.0} deliveries/s, \
+             p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms, server CPU {}%, loadgen CPU {}%{}",
+            s.step,
+            s.rate_msgs,
+            s.received,
+            s.expected,
+            s.deliveries_per_s,
+            s.p50_ms,
+            s.p99_ms,
+            s.p999_ms,
+            s.max_ms,
+            s.server_cpu_pct.map(|c| c.to_string()).unwrap_or("?".into()),
+            s.loadgen_cpu_pct,
+            if s.ok { "" } else { "  [not sustained]" }
+        );
+        if s.closed > 0 || s.order_violations > 0 || s.error_frames > 0 || s.sent < s.msgs {
+            eprintln!(
+                "    {} connections closed by the server so far, {} out of order, {} error frames, {}/{} sent",
+                s.closed, s.order_violations, s.error_frames, s.sent, s.msgs
+            );
+        }
+    }
+
     /// Lost deliveries or connections (not every message was sent,
     /// deliveries differ from those expected, or a connection closed): what
     /// it leaves queued would spoil the next step, so it is a failure
@@ -113,7 +140,7 @@ impl StepSummary {
 /// The worker processes of a ramp and the steps run so far.
 struct RampRun<'a> {
     ctx: &'a Ctx,
-    pool: &'a mut Pool,
+    pool: Pool,
     groups: &'a [Vec<Group>],
     total_senders: u64,
     ramp: &'a Ramp,
@@ -122,18 +149,41 @@ struct RampRun<'a> {
     last: Vec<u64>,
     seen_violations: u64,
     seen_errors: u64,
+    /// Another step can start clean: no step broke, or the last broken one
+    /// closed no connection and its deliveries all arrived in the end.
+    usable: bool,
 }
 
 impl RampRun<'_> {
-    /// Run one step at `rate` messages per second in total; its summary.
-    fn step(&mut self, rate: f64) -> Result<StepSummary, String> {
-        let ramp = self.ramp;
-        let k = self.steps.len() as u32;
+    /// One phase of the ramp: up to `count` steps, each at the rate `next`
+    /// picks from the steps so far, until it picks none or a broken step
+    /// leaves the members unusable. A broken step is drained (or not) before
+    /// `next` is asked again.
+    fn phase(
+        &mut self,
+        count: u32,
+        next: impl Fn(&[StepSummary]) -> Option<f64>,
+    ) -> Result<(), String> {
+        for _ in 0..count {
+            if !self.usable {
+                break;
+            }
+            let Some(rate) = next(&self.steps) else {
+                break;
+            };
+            let s = self.step(rate)?;
+            if s.broken() {
+                self.usable = s.closed == 0 && self.drain()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deliveries each worker's members should receive in a step of `msgs`
+    /// messages: what each global sender sends, added up per room, times
+    /// the worker's members in that room.
+    fn expected(&self, msgs: u64) -> Vec<u64> {
         let total_senders = self.total_senders;
-        let msgs = ((rate * ramp.step_secs).round() as u64).max(1);
-        let period_ns = (1e9 / rate) as u64;
-        // Messages each global sender sends, per room, then each worker's
-        // expected deliveries.
         let count = |g: u64| {
             if g < msgs {
                 (msgs - g).div_ceil(total_senders)
@@ -146,17 +196,29 @@ impl RampRun<'_> {
             let n: u64 = g.senders.iter().map(|(_, s)| count(*s)).sum();
             *per_room.entry(g.room.as_str()).or_insert(0) += n;
         }
+        self.groups
+            .iter()
+            .map(|gs| {
+                gs.iter()
+                    .map(|g| per_room.get(g.room.as_str()).copied().unwrap_or(0) * g.count as u64)
+                    .sum()
+            })
+            .collect()
+    }
+
+    /// Run one step at `rate` messages per second in total; its summary.
+    fn step(&mut self, rate: f64) -> Result<StepSummary, String> {
+        let ramp = self.ramp;
+        let k = self.steps.len() as u32;
+        let total_senders = self.total_senders;
+        let msgs = ((rate * ramp.step_secs).round() as u64).max(1);
+        let period_ns = (1e9 / rate) as u64;
+        self.last = self.expected(msgs);
         let start_ns = mono_ns() + 300_000_000;
         let deadline_ns = start_ns + ((ramp.step_secs + ramp.drain_secs) * 1e9) as u64;
         let pid = self.ctx.pid;
         let cpu0 = (pid.and_then(cpu_secs), self.pool.cpu_secs(), Instant::now());
-        self.last.clear();
-        for (w, gs) in self.groups.iter().enumerate() {
-            let exp: u64 = gs
-                .iter()
-                .map(|g| per_room.get(g.room.as_str()).copied().unwrap_or(0) * g.count as u64)
-                .sum();
-            self.last.push(exp);
+        for (w, &exp) in self.last.iter().enumerate() {
             let plan = StepPlan {
                 step: k,
                 start_ns,
@@ -215,32 +277,9 @@ impl RampRun<'_> {
             && s.order_violations == 0
             && s.error_frames == 0
             && s.p99_ms < ramp.p99_limit_ms;
-        eprintln!(
-            "  step {k}: {rate:.1} msg/s: {received}/{expected} delivered, {:.0} deliveries/s, \
-             p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms, server CPU {}%, loadgen CPU {}%{}",
-            s.deliveries_per_s,
-            s.p50_ms,
-            s.p99_ms,
-            s.p999_ms,
-            s.max_ms,
-            s.server_cpu_pct.map(|c| c.to_string()).unwrap_or("?".into()),
-            s.loadgen_cpu_pct,
-            if s.ok { "" } else { "  [not sustained]" }
-        );
-        if s.closed > 0 || s.order_violations > 0 || s.error_frames > 0 || sent < msgs {
-            eprintln!(
-                "    {} connections closed by the server so far, {} out of order, {} error frames, {sent}/{msgs} sent",
-                s.closed, s.order_violations, s.error_frames
-            );
-        }
+        s.log();
         self.steps.push(s.clone());
         Ok(s)
-    }
-
-    /// After a broken step: whether another can start clean (no connection
-    /// was closed, and the rest of its deliveries arrived).
-    fn recover(&mut self, s: &StepSummary) -> Result<bool, String> {
-        Ok(s.closed == 0 && self.drain()?)
     }
 
     /// Wait (at most 30 s) for the rest of the last step's deliveries;
@@ -286,50 +325,21 @@ pub fn run_ramp(
     total_senders: u64,
     ramp: &Ramp,
 ) -> Result<Outcome, String> {
-    let o = &ctx.opts;
-    let concurrency: usize = o.num("concurrency", 96, 96);
-    let size: usize = o.num("size", 64, 64);
+    let size: usize = ctx.opts.num("size", 64, 64);
     let conns: u64 = groups.iter().flatten().map(|g| g.count as u64).sum();
-    let mut pool = Pool::spawn(groups.len())?;
-    let t0 = Instant::now();
-    for (w, g) in groups.iter().enumerate() {
-        let spec = Spec {
-            addr: ctx.addr,
-            has_seq: ctx.kind != Kind::Floor,
-            concurrency: concurrency.div_ceil(groups.len()),
-            connect_timeout_s: 60.0,
-            idle: false,
-            size,
-            groups: g.clone(),
-        };
-        pool.send(w, &spec)?;
-    }
-    let ready = pool.collect("ready", Duration::from_secs(90 + conns / 200))?;
-    let connect_secs = t0.elapsed().as_secs_f64();
-    let mut failed = 0;
-    let mut first_err = None;
-    for m in &ready {
-        if let WorkerMsg::Ready {
-            failed: f, error, ..
-        } = m
-        {
-            failed += f;
-            if first_err.is_none() {
-                first_err = error.clone();
-            }
-        }
-    }
-    if failed > 0 {
+    let (pool, joined) = Pool::start(ctx, &groups, false, size)?;
+    if joined.failed > 0 {
         return Err(format!(
-            "{failed} of {conns} connections failed to join; first error: {}",
-            first_err.unwrap_or_default()
+            "{} of {conns} connections failed to join; first error: {}",
+            joined.failed,
+            joined.first_error.unwrap_or_default()
         ));
     }
-    eprintln!("  {conns} members joined in {connect_secs:.2}s");
+    eprintln!("  {conns} members joined in {:.2}s", joined.secs);
 
     let mut run = RampRun {
         ctx,
-        pool: &mut pool,
+        pool,
         groups: &groups,
         total_senders,
         ramp,
@@ -337,82 +347,62 @@ pub fn run_ramp(
         last: Vec::new(),
         seen_violations: 0,
         seen_errors: 0,
+        usable: true,
     };
     // Ramp up through every step, unless one loses messages or members
     // (what it leaves queued would spoil the next) or is far past the limit.
-    let mut usable = true;
-    let mut rate = ramp.rate;
-    for _ in 0..ramp.steps {
-        let s = run.step(rate)?;
-        if s.broken() {
-            usable = run.recover(&s)?;
-            break;
-        }
-        if !ramp.all_steps && s.p99_ms > 5.0 * ramp.p99_limit_ms {
-            break;
-        }
-        rate *= ramp.factor;
-    }
+    run.phase(ramp.steps, |steps| match steps.last() {
+        None => Some(ramp.rate),
+        Some(s) if s.broken() => None,
+        Some(s) if !ramp.all_steps && s.p99_ms > 5.0 * ramp.p99_limit_ms => None,
+        Some(s) => Some(s.rate_msgs * ramp.factor),
+    })?;
     // Refine between the highest sustained rate and the lowest rate above
     // it that was not; below the first step when even that one failed.
-    for _ in 0..ramp.refine {
-        if !usable {
-            break;
-        }
-        let lo = run
-            .steps
-            .iter()
-            .filter(|s| s.ok)
-            .map(|s| s.rate_msgs)
-            .reduce(f64::max);
-        let next = match lo {
-            None => {
-                let lowest = run.steps.iter().map(|s| s.rate_msgs).reduce(f64::min);
-                match lowest {
-                    Some(l) => l / ramp.factor,
-                    None => break,
-                }
-            }
-            Some(lo) => {
-                let hi = run
-                    .steps
-                    .iter()
-                    .filter(|s| !s.ok && s.rate_msgs > lo)
-                    .map(|s| s.rate_msgs)
-                    .reduce(f64::min);
-                match hi {
-                    Some(hi) if hi / lo > 1.05 => (lo * hi).sqrt(),
-                    _ => break,
-                }
-            }
-        };
-        let s = run.step(next)?;
-        if s.broken() {
-            usable = run.recover(&s)?;
-        }
-    }
+    run.phase(ramp.refine, |steps| refine_rate(steps, ramp.factor))?;
     // One 4 s step is decided by its few slowest passes, so a single lucky
     // or unlucky step would move the answer by a factor of two. The highest
     // sustained rate and the lowest failed rate above it get up to three
     // trials each; two alike decide.
-    for _ in 0..ramp.retrials {
-        if !usable {
-            break;
+    run.phase(ramp.retrials, |steps| verdict::next_trial(&trials(steps)))?;
+    let steps = std::mem::take(&mut run.steps);
+    drop(run); // ends the workers
+    Ok(outcome(&steps, ramp, joined.secs))
+}
+
+/// The next rate of the refining phase: the geometric middle of the highest
+/// sustained rate and the lowest failed rate above it (none when they are
+/// within 5 %), or a `factor` below the lowest rate when none passed.
+fn refine_rate(steps: &[StepSummary], factor: f64) -> Option<f64> {
+    let lo = steps
+        .iter()
+        .filter(|s| s.ok)
+        .map(|s| s.rate_msgs)
+        .reduce(f64::max);
+    match lo {
+        None => {
+            let lowest = steps.iter().map(|s| s.rate_msgs).reduce(f64::min);
+            lowest.map(|l| l / factor)
         }
-        let Some(rate) = verdict::next_trial(&trials(&run.steps)) else {
-            break;
-        };
-        let s = run.step(rate)?;
-        if s.broken() {
-            usable = run.recover(&s)?;
+        Some(lo) => {
+            let hi = steps
+                .iter()
+                .filter(|s| !s.ok && s.rate_msgs > lo)
+                .map(|s| s.rate_msgs)
+                .reduce(f64::min);
+            match hi {
+                Some(hi) if hi / lo > 1.05 => Some((lo * hi).sqrt()),
+                _ => None,
+            }
         }
     }
-    let steps = std::mem::take(&mut run.steps);
-    drop(pool);
-    let best = sustained(&steps);
+}
 
+/// The ramp's figures: the sustained step's, and the totals of every step.
+fn outcome(steps: &[StepSummary], ramp: &Ramp, joined_secs: f64) -> Outcome {
+    let best = sustained(steps);
     let mut out = Outcome::default();
-    out.set("members_joined_secs", connect_secs);
+    out.set("members_joined_secs", joined_secs);
     match &best {
         Some(b) => {
             out.set("deliveries_per_s", b.deliveries_per_s);
@@ -446,5 +436,5 @@ pub fn run_ramp(
         steps.iter().map(|s| s.order_violations).sum::<u64>() as f64,
     );
     out.details = json!({ "steps": steps });
-    Ok(out)
+    out
 }

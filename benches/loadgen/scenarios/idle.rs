@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::cli::{Ctx, Kind};
+use crate::cli::Ctx;
 use crate::seed::seed_rooms;
 use crate::sys::rss_kib;
-use crate::workers::pool::Pool;
-use crate::workers::{merge_status, ranges, status_json, Group, Spec, WorkerCmd, WorkerMsg};
+use crate::workers::pool::{Joined, Pool};
+use crate::workers::{merge_status, ranges, status_json, Group, WorkerCmd};
 use crate::Outcome;
 
 /// Worker processes for `conns` sockets (a process's descriptors and its
@@ -31,7 +31,6 @@ pub fn run(ctx: &Ctx) -> Result<Outcome, String> {
     let seed: u32 = o.num("seed", 10, 5);
     let hold: f64 = o.num("hold", 10.0, 2.0);
     let procs: usize = o.num("procs", default_procs(conns), default_procs(conns));
-    let concurrency: usize = o.num("concurrency", 96, 96);
     let names: Vec<String> = (0..rooms)
         .map(|r| format!("idle-{}-{r}", ctx.tag))
         .collect();
@@ -40,11 +39,10 @@ pub fn run(ctx: &Ctx) -> Result<Outcome, String> {
     let rss0 = ctx.pid.and_then(rss_kib);
 
     let history = ctx.history(seed);
-    let mut pool = Pool::spawn(procs)?;
-    let t0 = Instant::now();
     let mut named = 0u64;
-    for (w, (lo, hi)) in ranges(conns, procs).into_iter().enumerate() {
-        let mut groups = Vec::new();
+    let mut groups = Vec::new();
+    for (lo, hi) in ranges(conns, procs) {
+        let mut mine = Vec::new();
         for (r, name) in names.iter().enumerate() {
             let r = r as u64;
             // connections i in lo..hi with i % rooms == r
@@ -55,7 +53,7 @@ pub fn run(ctx: &Ctx) -> Result<Outcome, String> {
             let count = (hi - first).div_ceil(rooms) as u32;
             let first_name = named;
             named += count as u64;
-            groups.push(Group {
+            mine.push(Group {
                 room: name.clone(),
                 prefix: "i".into(),
                 first: first_name,
@@ -64,33 +62,15 @@ pub fn run(ctx: &Ctx) -> Result<Outcome, String> {
                 senders: Vec::new(),
             });
         }
-        let spec = Spec {
-            addr: ctx.addr,
-            has_seq: ctx.kind != Kind::Floor,
-            concurrency: concurrency.div_ceil(procs),
-            connect_timeout_s: 60.0,
-            idle: true,
-            size: 64,
-            groups,
-        };
-        pool.send(w, &spec)?;
+        groups.push(mine);
     }
-    let ready = pool.collect("ready", Duration::from_secs(60 + conns / 200 + 30))?;
-    let connect_secs = t0.elapsed().as_secs_f64();
-    let (mut ok, mut failed, mut errors) = (0, 0, Vec::new());
-    for m in &ready {
-        if let WorkerMsg::Ready {
-            ok: a,
-            failed: b,
-            error,
-            ..
-        } = m
-        {
-            ok += a;
-            failed += b;
-            errors.extend(error.clone());
-        }
-    }
+    let (mut pool, joined) = Pool::start(ctx, &groups, true, 64)?;
+    let Joined {
+        ok,
+        failed,
+        first_error,
+        secs: connect_secs,
+    } = joined;
     eprintln!(
         "  {ok} connections joined ({failed} failed) in {connect_secs:.2}s: {:.0}/s",
         ok as f64 / connect_secs
@@ -142,7 +122,7 @@ pub fn run(ctx: &Ctx) -> Result<Outcome, String> {
         out.notes.push(format!(
             "{failed} connections failed, {} of {ok} still open after the hold; first error: {}",
             status.alive,
-            errors.first().cloned().unwrap_or_default()
+            first_error.unwrap_or_default()
         ));
     }
     out.details = json!({ "rss_samples_kib": rss_samples, "status": status_json(&status) });

@@ -1,5 +1,6 @@
-//! The coordinator's side of the worker processes: start them, send each
-//! its spec and commands, collect one answer of a kind from every worker.
+//! The coordinator's side of the worker processes: start them and have
+//! their members join (`Pool::start`), send them commands, collect one
+//! answer of a kind from every worker.
 //!
 //! Used by the idle scenario and the ramp (`ramp.rs`); dropping the pool
 //! ends its workers (Quit, EOF, then a kill after 10 s).
@@ -11,8 +12,19 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{WorkerCmd, WorkerMsg};
+use super::{Group, Spec, WorkerCmd, WorkerMsg};
+use crate::cli::{Ctx, Kind};
 use crate::sys::cpu_secs;
+
+/// How the members of a pool joined.
+pub struct Joined {
+    pub ok: u64,
+    pub failed: u64,
+    /// The first worker's first error, if any failed.
+    pub first_error: Option<String>,
+    /// From the first spec sent to the last worker ready.
+    pub secs: f64,
+}
 
 /// The coordinator's handle on its worker processes.
 pub struct Pool {
@@ -22,7 +34,56 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn spawn(n: usize) -> Result<Pool, String> {
+    /// One worker per entry of `groups`, each told to join those members
+    /// (`idle`: free their read buffers once joined; `size`: length of the
+    /// messages they send); returns once every worker has reported its
+    /// connections joined or failed (90 s, plus 1 s per 200 connections).
+    /// `--concurrency` handshakes are in flight over all the workers.
+    pub fn start(
+        ctx: &Ctx,
+        groups: &[Vec<Group>],
+        idle: bool,
+        size: usize,
+    ) -> Result<(Pool, Joined), String> {
+        let concurrency: usize = ctx.opts.num("concurrency", 96, 96);
+        let conns: u64 = groups.iter().flatten().map(|g| g.count as u64).sum();
+        let mut pool = Pool::spawn(groups.len())?;
+        let t0 = Instant::now();
+        for (w, g) in groups.iter().enumerate() {
+            let spec = Spec {
+                addr: ctx.addr,
+                has_seq: ctx.kind != Kind::Floor,
+                concurrency: concurrency.div_ceil(groups.len()),
+                connect_timeout_s: 60.0,
+                idle,
+                size,
+                groups: g.clone(),
+            };
+            pool.send(w, &spec)?;
+        }
+        let ready = pool.collect("ready", Duration::from_secs(90 + conns / 200))?;
+        let mut joined = Joined {
+            ok: 0,
+            failed: 0,
+            first_error: None,
+            secs: t0.elapsed().as_secs_f64(),
+        };
+        for m in &ready {
+            if let WorkerMsg::Ready {
+                ok, failed, error, ..
+            } = m
+            {
+                joined.ok += ok;
+                joined.failed += failed;
+                if joined.first_error.is_none() {
+                    joined.first_error = error.clone();
+                }
+            }
+        }
+        Ok((pool, joined))
+    }
+
+    fn spawn(n: usize) -> Result<Pool, String> {
         let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
         let (tx, rx) = mpsc::channel();
         let mut kids = Vec::new();
