@@ -8,7 +8,7 @@
 #             (tokio, tokio-tungstenite, a broadcast channel per room)
 #
 # Each scenario gets a fresh server process (ulimit -n 20000) on 127.0.0.1
-# and port 0; benches/loadgen.rs drives it from several client processes.
+# and port 0; benches/loadgen/ drives it from several client processes.
 #
 # Usage: scripts/bench.sh [--quick] [--only SCENARIO[,SCENARIO..]]
 #                         [--targets chatserver,floor,baseline] [--out DIR]

@@ -1,0 +1,185 @@
+//! The command line: the usage text, the flags (`Opts`), and what every
+//! scenario is given (`Ctx`: the target, its kind and the flags).
+//!
+//! `main` parses the arguments here; scenarios read their own flags with
+//! `Opts::num` and `Opts::text`, each with a full and a `--quick` default.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use crate::ws_client::mono_ns;
+
+pub const USAGE: &str = "\
+loadgen: load scenarios for ChatConnect and its yardsticks
+
+usage: cargo bench --bench loadgen -- SCENARIO [flags]
+       cargo bench --bench loadgen -- report DIR
+
+scenarios: idle, fanout, many, login, rest
+
+common flags:
+  --addr HOST:PORT     server to drive (default 127.0.0.1:8000)
+  --server-pid PID     server process, for RSS and CPU figures
+  --kind K             server | baseline | floor (floor: no history, no seq, no login)
+  --label NAME         name of the target in reports (default: the kind)
+  --json-out FILE      also write the JSON result there
+  --quick              small sizes, for development
+  --procs N            client processes (default 2, more for idle when needed;
+                       fanout adds one for its senders)
+  --history-limit N    messages the server sends on join (default 50)
+
+idle:   --conns 19000 --rooms 100 --seed 10 --hold 10
+        --concurrency 96 (handshakes in flight over all processes: keep it under
+        the target's accept backlog, or SYNs are dropped and retried a second later)
+fanout: --members 5000 --senders 10 --rate 2 --factor 2 --steps 11 --refine 3
+        --retrials 6 (extra trials: the top passing rate and the failed one above
+        it need two alike) --step-secs 4 --drain-secs 5 --p99-limit-ms 100
+        --size 64 --seed 3 --all-steps
+many:   --rooms 1000 --room-size 10 --rate 250 --factor 2 --steps 8 --refine 3 (rest as fanout)
+login:  --logins 8 --secs 10 --quiet-secs 3 --rtt-interval-ms 10 --workers N --cost 10
+rest:   --conns 50 --secs 10 --threads 2 --rooms 20 --no-wrk
+";
+
+/// The arguments: `--key value` (or `--key=value`), bare flags, positionals.
+pub struct Opts {
+    pub vals: HashMap<String, String>,
+    flags: Vec<String>,
+    pub pos: Vec<String>,
+}
+
+const BOOL_FLAGS: &[&str] = &["--quick", "--no-wrk", "--all-steps", "--help", "-h"];
+
+pub fn die(msg: &str) -> ! {
+    eprintln!("loadgen: {msg}");
+    std::process::exit(2);
+}
+
+impl Opts {
+    pub fn parse(argv: &[String]) -> Opts {
+        let mut o = Opts {
+            vals: HashMap::new(),
+            flags: Vec::new(),
+            pos: Vec::new(),
+        };
+        let mut i = 0;
+        while i < argv.len() {
+            let a = &argv[i];
+            if BOOL_FLAGS.contains(&a.as_str()) {
+                o.flags.push(a.clone());
+            } else if let Some(k) = a.strip_prefix("--") {
+                if let Some((k, v)) = k.split_once('=') {
+                    o.vals.insert(k.to_string(), v.to_string());
+                } else {
+                    let Some(v) = argv.get(i + 1) else {
+                        die(&format!("--{k} needs a value"));
+                    };
+                    o.vals.insert(k.to_string(), v.clone());
+                    i += 1;
+                }
+            } else {
+                o.pos.push(a.clone());
+            }
+            i += 1;
+        }
+        o
+    }
+
+    pub fn has(&self, flag: &str) -> bool {
+        self.flags.iter().any(|f| f == flag)
+    }
+
+    /// A number: the flag if given, else the full or the quick default.
+    pub fn num<T: FromStr>(&self, key: &str, full: T, quick: T) -> T {
+        match self.vals.get(key) {
+            Some(v) => v
+                .parse()
+                .unwrap_or_else(|_| die(&format!("--{key}: not a valid number: {v}"))),
+            None if self.has("--quick") => quick,
+            None => full,
+        }
+    }
+
+    pub fn text(&self, key: &str, default: &str) -> String {
+        self.vals
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| default.to_string())
+    }
+}
+
+/// What is driven: chatserver or one of its yardsticks (`floor` has no
+/// history, no `seq` and no login).
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub enum Kind {
+    Server,
+    Baseline,
+    Floor,
+}
+
+/// What every scenario is given.
+pub struct Ctx {
+    pub addr: SocketAddr,
+    /// The server process, for its RSS and CPU time.
+    pub pid: Option<u32>,
+    pub kind: Kind,
+    /// The target's name in the results and the report.
+    pub label: String,
+    /// Unique to this run, in room names, so runs do not share rooms.
+    pub tag: String,
+    pub opts: Opts,
+    /// The load generator's command line, for the report.
+    pub command: String,
+}
+
+impl Ctx {
+    /// The target and flags of a scenario run; exits with a message when a
+    /// flag is wrong. `argv` is kept, as the command line of the result.
+    pub fn new(opts: Opts, argv: &[String]) -> Ctx {
+        let addr: SocketAddr = opts
+            .text("addr", "127.0.0.1:8000")
+            .parse()
+            .unwrap_or_else(|_| die("--addr must be HOST:PORT with a numeric address"));
+        if !addr.ip().is_loopback() {
+            die("--addr must be a loopback address (127.0.0.0/8 or ::1)");
+        }
+        let kind = match opts.text("kind", "server").as_str() {
+            "server" | "chatserver" => Kind::Server,
+            "baseline" => Kind::Baseline,
+            "floor" => Kind::Floor,
+            k => die(&format!("--kind: unknown kind {k}")),
+        };
+        let pid = opts.vals.get("server-pid").map(|p| {
+            p.parse()
+                .unwrap_or_else(|_| die("--server-pid must be a number"))
+        });
+        let label = opts.text(
+            "label",
+            match kind {
+                Kind::Server => "chatserver",
+                Kind::Baseline => "baseline",
+                Kind::Floor => "floor",
+            },
+        );
+        let tag = format!("{:x}", (mono_ns() / 1000) % 0xff_ffff);
+        let command = format!("loadgen {}", argv.join(" "));
+        Ctx {
+            addr,
+            pid,
+            kind,
+            label,
+            tag,
+            opts,
+            command,
+        }
+    }
+
+    /// History frames a member receives on joining a room holding `seeded`.
+    pub fn history(&self, seeded: u32) -> u32 {
+        if self.kind == Kind::Floor {
+            0
+        } else {
+            seeded.min(self.opts.num("history-limit", 50, 50))
+        }
+    }
+}

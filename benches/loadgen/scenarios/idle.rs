@@ -1,0 +1,130 @@
+//! Scenario `idle`: N WebSockets over R rooms that already hold history.
+//! Measures the server's RSS per held connection above its baseline (the
+//! target is 2 KiB or less), how many stay open through the hold, and the
+//! connect rate (upgrade plus history).
+//!
+//! Called by `main` for `loadgen idle` (scripts/bench.sh runs it against
+//! each target). The connections are spread over worker processes, more of
+//! them for large N (one per 9,000 sockets, at least two).
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::cli::Ctx;
+use crate::seed::seed_rooms;
+use crate::sys::rss_kib;
+use crate::workers::pool::{Joined, Pool};
+use crate::workers::{merge_status, ranges, status_json, Group, WorkerCmd};
+use crate::Outcome;
+
+/// Worker processes for `conns` sockets (a process's descriptors and its
+/// share of the reading stay comfortable at 9,000).
+fn default_procs(conns: u64) -> usize {
+    (conns.div_ceil(9000) as usize).max(2)
+}
+
+pub fn run(ctx: &Ctx) -> Result<Outcome, String> {
+    let o = &ctx.opts;
+    let conns: u64 = o.num("conns", 19_000, 2_000);
+    let rooms: u64 = o.num("rooms", 100, 20).max(1);
+    let seed: u32 = o.num("seed", 10, 5);
+    let hold: f64 = o.num("hold", 10.0, 2.0);
+    let procs: usize = o.num("procs", default_procs(conns), default_procs(conns));
+    let names: Vec<String> = (0..rooms)
+        .map(|r| format!("idle-{}-{r}", ctx.tag))
+        .collect();
+    seed_rooms(ctx.addr, &names, seed)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let rss0 = ctx.pid.and_then(rss_kib);
+
+    let history = ctx.history(seed);
+    let mut named = 0u64;
+    let mut groups = Vec::new();
+    for (lo, hi) in ranges(conns, procs) {
+        let mut mine = Vec::new();
+        for (r, name) in names.iter().enumerate() {
+            let r = r as u64;
+            // connections i in lo..hi with i % rooms == r
+            let first = lo + (r + rooms - lo % rooms) % rooms;
+            if first >= hi {
+                continue;
+            }
+            let count = (hi - first).div_ceil(rooms) as u32;
+            let first_name = named;
+            named += count as u64;
+            mine.push(Group {
+                room: name.clone(),
+                prefix: "i".into(),
+                first: first_name,
+                count,
+                history,
+                senders: Vec::new(),
+            });
+        }
+        groups.push(mine);
+    }
+    let (mut pool, joined) = Pool::start(ctx, &groups, true, 64)?;
+    let Joined {
+        ok,
+        failed,
+        first_error,
+        secs: connect_secs,
+    } = joined;
+    eprintln!(
+        "  {ok} connections joined ({failed} failed) in {connect_secs:.2}s: {:.0}/s",
+        ok as f64 / connect_secs
+    );
+    // Hold, sampling the server's memory once a second.
+    let mut rss_samples = Vec::new();
+    let hold_end = Instant::now() + Duration::from_secs_f64(hold);
+    loop {
+        std::thread::sleep(
+            Duration::from_millis(1000).min(hold_end.saturating_duration_since(Instant::now())),
+        );
+        if let Some(r) = ctx.pid.and_then(rss_kib) {
+            rss_samples.push(r);
+        }
+        if Instant::now() >= hold_end {
+            break;
+        }
+    }
+    pool.send_all(&WorkerCmd::Status)?;
+    let status = merge_status(&pool.collect("status", Duration::from_secs(30))?);
+    drop(pool);
+
+    let mut out = Outcome::default();
+    out.set("conns_requested", conns as f64);
+    out.set("conns_ok", ok as f64);
+    out.set("conns_failed", failed as f64);
+    out.set("connect_secs", connect_secs);
+    out.set("connect_rate", ok as f64 / connect_secs);
+    out.set("conns_held", status.alive as f64);
+    out.set("history_frames", status.history_frames as f64);
+    if let (Some(r0), Some(&r1)) = (rss0, rss_samples.last()) {
+        out.set("rss_base_mib", r0 as f64 / 1024.0);
+        out.set("rss_held_mib", r1 as f64 / 1024.0);
+        if ok > 0 {
+            let per = (r1 as f64 - r0 as f64) * 1024.0 / ok as f64;
+            out.set("rss_per_conn_bytes", per.round());
+            eprintln!(
+                "  server RSS {:.1} MiB -> {:.1} MiB: {per:.0} bytes per connection",
+                r0 as f64 / 1024.0,
+                r1 as f64 / 1024.0
+            );
+        }
+    } else {
+        out.notes
+            .push("no --server-pid (or unreadable /proc): no memory figure".into());
+    }
+    if failed > 0 || status.alive < ok {
+        out.ok = false;
+        out.notes.push(format!(
+            "{failed} connections failed, {} of {ok} still open after the hold; first error: {}",
+            status.alive,
+            first_error.unwrap_or_default()
+        ));
+    }
+    out.details = json!({ "rss_samples_kib": rss_samples, "status": status_json(&status) });
+    Ok(out)
+}
