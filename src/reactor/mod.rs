@@ -32,6 +32,7 @@ use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
+use crate::api::{self, Action, Api, Upgrade};
 use crate::auth::Tokens;
 use crate::config::Config;
 use crate::http::{self, Parsed, Request, Response, ResponseHeaders};
@@ -196,47 +197,23 @@ struct ShutdownState {
     closing_sent: bool,
 }
 
-/// What a request handler decided.
-pub(crate) enum Action {
-    Reply(Response),
-    /// Password hashing (and the store calls around it): the hashing lane.
-    Hash(Job<Outcome>),
-    /// Store calls: the store lane.
-    Store(Job<Outcome>),
-    /// Deleting `room`: the store lane, with the room's live entry fenced
-    /// until the outcome is back (see `rooms::Room::deleting`).
-    Delete {
-        room: String,
-        job: Job<Outcome>,
-    },
-    Upgrade(Upgrade),
-}
-
-/// A WebSocket upgrade that passed every check.
-pub(crate) struct Upgrade {
-    pub room: String,
-    pub username: String,
-    pub since: Option<i64>,
-    pub accept: String,
-}
-
 pub struct Reactor {
-    pub(crate) cfg: Arc<Config>,
+    cfg: Arc<Config>,
     poll: Poll,
     listener: Option<TcpListener>,
     local_addr: SocketAddr,
     accept_paused: bool,
     conns: Slab<Conn>,
     next_id: u64,
-    pub(crate) rooms: Rooms,
+    rooms: Rooms,
     hash_pool: Pool<Outcome>,
     store_pool: Pool<Outcome>,
     done: Receiver<Outcome>,
     _waker: Arc<Waker>,
-    pub(crate) tokens: Tokens,
+    api: Api,
     headers: ResponseHeaders,
-    pub(crate) counters: Counters,
-    pub(crate) shared: Arc<Shared>,
+    counters: Counters,
+    shared: Arc<Shared>,
     ws_config: WebSocketConfig,
     flush_list: Vec<usize>,
     again: Vec<usize>,
@@ -302,6 +279,7 @@ impl Reactor {
         let headers = ResponseHeaders {
             cors_origin: cfg.cors_origin.clone(),
         };
+        let api = Api::new(cfg.clone(), tokens);
         let reactor = Reactor {
             cfg,
             poll,
@@ -315,7 +293,7 @@ impl Reactor {
             store_pool,
             done: done_rx,
             _waker: waker.clone(),
-            tokens,
+            api,
             headers,
             counters: Counters::default(),
             shared,
@@ -825,7 +803,7 @@ impl Reactor {
             resp.close = true;
             return self.respond(token, resp, false, head_only);
         }
-        let action = self.route(conn, &req);
+        let action = self.api.route(conn, &req, &|| self.metrics_text());
         let (pool, job, deleting) = match action {
             Action::Reply(resp) => return self.respond(token, resp, keep_alive, head_only),
             Action::Upgrade(up) => return self.upgrade(token, req, up),
@@ -1323,19 +1301,7 @@ impl Reactor {
         match outcome {
             Outcome::Http { conn, resp } => self.complete_http(conn, resp),
             Outcome::Rooms { conn, result } => {
-                let resp = match result {
-                    Ok(rooms) => {
-                        let list: Vec<RoomOut<'_>> = rooms
-                            .iter()
-                            .map(|r| RoomOut {
-                                members: Some(self.rooms.member_count(&r.name)),
-                                ..room_json(r)
-                            })
-                            .collect();
-                        Response::json(200, &list)
-                    }
-                    Err(e) => store_error_response(&e),
-                };
+                let resp = api::room_list(result, |name| self.rooms.member_count(name));
                 self.complete_http(conn, resp);
             }
             Outcome::Deleted {
@@ -1816,7 +1782,7 @@ impl Reactor {
     }
 
     /// `GET /metrics` body.
-    pub(crate) fn metrics_text(&self) -> String {
+    fn metrics_text(&self) -> String {
         use crate::metrics::sample;
         let c = &self.counters;
         let mut out = String::with_capacity(4096);
@@ -1982,37 +1948,5 @@ fn parse_content(text: &str) -> Result<String, &'static str> {
             None => Err("message needs a content field"),
         },
         _ => Err("message must be a JSON object with a content field"),
-    }
-}
-
-/// A room as clients see it (the seed's fields, in the seed's order).
-#[derive(serde::Serialize)]
-pub(crate) struct RoomOut<'a> {
-    name: &'a str,
-    creator: &'a str,
-    created_at: String,
-    /// Live WebSocket members in this process (room list only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    members: Option<usize>,
-}
-
-pub(crate) fn room_json(r: &Room) -> RoomOut<'_> {
-    RoomOut {
-        name: &r.name,
-        creator: &r.creator,
-        created_at: ws::rfc3339_seconds(r.created_at),
-        members: None,
-    }
-}
-
-/// The HTTP answer for a failed store call.
-pub(crate) fn store_error_response(e: &StoreError) -> Response {
-    match e {
-        StoreError::Conflict => Response::error(409, "Already exists"),
-        StoreError::NoSuchRoom => Response::error(404, "Room not found"),
-        StoreError::Unavailable(why) => {
-            log::warn!("store unavailable: {why}");
-            Response::error(503, "Storage is unavailable; try again shortly")
-        }
     }
 }
