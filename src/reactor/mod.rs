@@ -18,6 +18,7 @@
 //! events and completions, so a message sent meanwhile need not wait for it.
 
 mod metrics_text;
+mod shutdown;
 
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr};
@@ -44,6 +45,7 @@ use crate::rooms::{ConnRef, DeferredJoin, Pending, Rooms};
 use crate::store::{NewMessage, Room, RoomBatch, Store, StoreError, StoreResult, StoredMessage};
 use crate::workers::{Job, Pool};
 use crate::ws::{self, close, Bucket, WsIo};
+use shutdown::ShutdownState;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -188,15 +190,6 @@ impl Conn {
             Kind::Upgrading => None,
         }
     }
-}
-
-/// The part of `SHUTDOWN_TIMEOUT` kept for idle worker threads to notice
-/// the end and exit, after connections are dropped.
-const WORKER_GRACE: Duration = Duration::from_millis(100);
-
-struct ShutdownState {
-    started: Instant,
-    closing_sent: bool,
 }
 
 pub struct Reactor {
@@ -1599,7 +1592,7 @@ impl Reactor {
         }
     }
 
-    // ----- timers and shutdown --------------------------------------------
+    // ----- timers -------------------------------------------------------
 
     fn on_tick(&mut self, now: Instant) {
         let ping = self.cfg.ping_interval;
@@ -1659,64 +1652,6 @@ impl Reactor {
         self.flush_all();
     }
 
-    fn begin_shutdown(&mut self) {
-        log::info!(
-            "shutting down: {} connections, {} active rooms",
-            self.conns.len(),
-            self.rooms.len()
-        );
-        if let Some(mut l) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut l);
-        }
-        self.shutdown = Some(ShutdownState {
-            started: Instant::now(),
-            closing_sent: false,
-        });
-        // Idle HTTP connections go now; busy ones after their answer. One
-        // whose request has only partly arrived is answered 503 now rather
-        // than waited for.
-        let idle: Vec<usize> = self
-            .conns
-            .iter()
-            .filter_map(|(t, c)| match &c.kind {
-                Kind::Http(h) if h.awaiting.is_none() => Some(t),
-                _ => None,
-            })
-            .collect();
-        for token in idle {
-            let Some(h) = self.http_mut(token) else {
-                continue;
-            };
-            if h.inbuf.is_empty() || h.closing || h.lingering {
-                h.closing = true;
-                self.schedule_flush(token);
-            } else {
-                let mut resp = Response::error(503, "Server is shutting down");
-                resp.close = true;
-                self.respond(token, resp, false, false);
-            }
-        }
-        self.flush_all();
-    }
-
-    /// Half-way through the shutdown timeout: the messages not yet handed
-    /// to the store are dropped, and their senders told so before the 1001
-    /// close. A batch already being written is not: it is stored if its
-    /// write finishes before the process exits (then it is in the history
-    /// for a reconnect with `since`), and lost if it does not.
-    fn refuse_pending(&mut self) {
-        let mut senders: Vec<ConnRef> = Vec::new();
-        for key in self.rooms.keys() {
-            if let Some(room) = self.rooms.get_mut(key) {
-                senders.extend(room.pending.drain(..).map(|p| p.sender));
-            }
-        }
-        if !senders.is_empty() {
-            log::warn!("shutdown: {} messages not stored", senders.len());
-        }
-        self.tell_not_stored(senders, "message not stored: the server is shutting down");
-    }
-
     /// A `store_unavailable` frame to each live sender, once per sender.
     fn tell_not_stored(&mut self, senders: Vec<ConnRef>, text: &str) {
         let mut told = std::collections::HashSet::new();
@@ -1725,62 +1660,6 @@ impl Reactor {
                 self.send_error(s.token, "store_unavailable", text);
             }
         }
-    }
-
-    /// Drive the shutdown; true when the loop may end.
-    fn shutdown_step(&mut self) -> bool {
-        let timeout = self.cfg.shutdown_timeout;
-        let Some(state) = &self.shutdown else {
-            return false;
-        };
-        let elapsed = state.started.elapsed();
-        if !state.closing_sent {
-            // Store what was accepted, broadcast it, then say goodbye.
-            if self.rooms.has_unstored() && elapsed < timeout / 2 {
-                return false;
-            }
-            if self.rooms.has_unstored() {
-                log::warn!("shutdown: some messages were still being stored");
-                self.refuse_pending();
-            }
-            if let Some(s) = &mut self.shutdown {
-                s.closing_sent = true;
-            }
-            let ws: Vec<usize> = self
-                .conns
-                .iter()
-                .filter(|(_, c)| matches!(c.kind, Kind::Ws(_)))
-                .map(|(t, _)| t)
-                .collect();
-            for token in ws {
-                self.ws_close(token, close::GOING_AWAY, "server shutting down", false);
-            }
-            self.flush_all();
-            return false;
-        }
-        // HTTP connections that have had their answer and the server's FIN
-        // are only waiting for the client to close; at shutdown, don't.
-        let answered: Vec<usize> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| matches!(&c.kind, Kind::Http(h) if h.lingering))
-            .map(|(t, _)| t)
-            .collect();
-        for token in answered {
-            self.drop_conn(token);
-        }
-        if self.conns.is_empty() {
-            return true;
-        }
-        // The last moments of the timeout are left to the worker threads.
-        if elapsed >= timeout.saturating_sub(WORKER_GRACE) {
-            log::warn!(
-                "shutdown timeout: dropping {} connections",
-                self.conns.len()
-            );
-            return true;
-        }
-        false
     }
 }
 
