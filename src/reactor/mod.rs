@@ -17,6 +17,7 @@
 //! thousands of sockets stops every couple of milliseconds to handle socket
 //! events and completions, so a message sent meanwhile need not wait for it.
 
+mod completions;
 mod metrics_text;
 mod shutdown;
 mod timers;
@@ -36,17 +37,20 @@ use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
-use crate::api::{self, Action, Api, Upgrade};
+use crate::api::{Action, Api, Upgrade};
 use crate::auth::Tokens;
 use crate::config::Config;
 use crate::http::{self, Parsed, Request, Response, ResponseHeaders};
 use crate::metrics::{Counters, Shared};
 use crate::outbuf::OutBuf;
-use crate::rooms::{ConnRef, DeferredJoin, Pending, Rooms};
+use crate::rooms::{ConnRef, Pending, Rooms};
 use crate::store::{NewMessage, Room, RoomBatch, Store, StoreError, StoreResult, StoredMessage};
 use crate::workers::{Job, Pool};
 use crate::ws::{self, close, Bucket, WsIo};
 use shutdown::ShutdownState;
+
+use completions::QUEUE_CAPACITY;
+pub use completions::{BatchOf, Outcome};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -67,50 +71,8 @@ const FLUSH_CHECK_EVERY: usize = 32;
 /// Every 32 writes (about 0.25 ms) made batches so small that the extra
 /// per-batch work cost more than it saved; 2 ms is about 256 writes.
 const MID_PASS_POLL: Duration = Duration::from_millis(2);
-/// Jobs waiting per worker lane before the server answers 503.
-const QUEUE_CAPACITY: usize = 4096;
 /// Messages sent instead of the recent history when a client resumes.
 pub const RESUME_LIMIT: usize = 1000;
-
-/// A completion from a worker.
-pub enum Outcome {
-    /// An HTTP answer for a waiting connection.
-    Http { conn: ConnRef, resp: Response },
-    /// The room list, to be decorated with live member counts.
-    Rooms {
-        conn: ConnRef,
-        result: StoreResult<Vec<Room>>,
-    },
-    /// A room was deleted (or not): answer, and close its members if it was.
-    Deleted {
-        conn: ConnRef,
-        room: String,
-        resp: Response,
-        deleted: bool,
-    },
-    /// A joining WebSocket's room exists and here is its history.
-    Joined {
-        conn: ConnRef,
-        room: String,
-        since: Option<i64>,
-        result: StoreResult<Vec<StoredMessage>>,
-    },
-    /// A store write of several rooms' batches finished; one result per
-    /// room, in the order of `rooms`.
-    Batches {
-        rooms: Vec<BatchOf>,
-        results: Vec<StoreResult<Vec<StoredMessage>>>,
-    },
-}
-
-/// One room's part of a store write.
-pub struct BatchOf {
-    room_key: usize,
-    room_id: u64,
-    senders: Vec<ConnRef>,
-    /// When the oldest message of the batch arrived.
-    oldest: Instant,
-}
 
 struct HttpConn {
     sock: TcpStream,
@@ -1276,84 +1238,6 @@ impl Reactor {
         // Kept (closed to joins) while a batch is in flight or another
         // delete of it is under way.
         self.rooms.drop_if_idle(room_key);
-    }
-
-    // ----- completions ---------------------------------------------------
-
-    /// Apply what the workers finished. Bounded, so a flood of completions
-    /// cannot starve socket events; `more_done` asks for a quick next pass.
-    fn apply_completions(&mut self) {
-        self.more_done = false;
-        for _ in 0..4096 {
-            let Ok(outcome) = self.done.try_recv() else {
-                return;
-            };
-            self.apply(outcome);
-        }
-        self.more_done = true;
-    }
-
-    fn apply(&mut self, outcome: Outcome) {
-        match outcome {
-            Outcome::Http { conn, resp } => self.complete_http(conn, resp),
-            Outcome::Rooms { conn, result } => {
-                let resp = api::room_list(result, |name| self.rooms.member_count(name));
-                self.complete_http(conn, resp);
-            }
-            Outcome::Deleted {
-                conn,
-                room,
-                resp,
-                deleted,
-            } => {
-                if let Some(key) = self.rooms.end_delete(&room) {
-                    if deleted {
-                        self.close_room(key, close::ROOM_DELETED, "room deleted");
-                    } else if let Some(r) = self.rooms.get_mut(key) {
-                        if r.deleting == 0 && !r.pending.is_empty() && !r.dirty {
-                            // Not deleted after all: what waited goes now.
-                            r.dirty = true;
-                            self.dirty_rooms.push(key);
-                        }
-                    }
-                }
-                self.complete_http(conn, resp);
-            }
-            Outcome::Joined {
-                conn,
-                room,
-                since,
-                result,
-            } => {
-                // The history was read by one store thread while another may
-                // have been writing this room's batch: if that batch is still
-                // in flight, the history may hold part of it (or, cut to the
-                // newest HISTORY_LIMIT, hold its end but not its start). The
-                // member takes its history once the batch is broadcast, so
-                // its buffer holds the whole batch and the merge has no gap.
-                if let Some(r) = self.rooms.key_of(&room).and_then(|k| self.rooms.get_mut(k)) {
-                    if r.inflight && result.is_ok() {
-                        r.deferred_joins.push(DeferredJoin {
-                            conn,
-                            since,
-                            result,
-                        });
-                        return;
-                    }
-                }
-                self.joined(conn, &room, since, result)
-            }
-            Outcome::Batches { rooms, results } => {
-                self.writes_inflight -= 1;
-                for (b, result) in rooms.into_iter().zip(results) {
-                    if result.is_ok() {
-                        let waited = b.oldest.elapsed().as_secs_f64();
-                        self.shared.commit_latency.observe(waited);
-                    }
-                    self.batch_done(b.room_key, b.room_id, b.senders, result);
-                }
-            }
-        }
     }
 
     fn joined(
