@@ -18,6 +18,7 @@
 //! events and completions, so a message sent meanwhile need not wait for it.
 
 mod completions;
+mod joins;
 mod metrics_text;
 mod pipeline;
 mod shutdown;
@@ -45,13 +46,14 @@ use crate::http::{self, Parsed, Request, Response, ResponseHeaders};
 use crate::metrics::{Counters, Shared};
 use crate::outbuf::OutBuf;
 use crate::rooms::{ConnRef, Pending, Rooms};
-use crate::store::{NewMessage, Room, Store, StoreResult, StoredMessage};
+use crate::store::{NewMessage, Room, Store};
 use crate::workers::{Job, Pool};
 use crate::ws::{self, close, Bucket, WsIo};
 use shutdown::ShutdownState;
 
 use completions::QUEUE_CAPACITY;
 pub use completions::{BatchOf, Outcome};
+pub use joins::RESUME_LIMIT;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -72,9 +74,6 @@ const FLUSH_CHECK_EVERY: usize = 32;
 /// Every 32 writes (about 0.25 ms) made batches so small that the extra
 /// per-batch work cost more than it saved; 2 ms is about 256 writes.
 const MID_PASS_POLL: Duration = Duration::from_millis(2);
-/// Messages sent instead of the recent history when a client resumes.
-pub const RESUME_LIMIT: usize = 1000;
-
 struct HttpConn {
     sock: TcpStream,
     inbuf: Vec<u8>,
@@ -1239,86 +1238,6 @@ impl Reactor {
         // Kept (closed to joins) while a batch is in flight or another
         // delete of it is under way.
         self.rooms.drop_if_idle(room_key);
-    }
-
-    fn joined(
-        &mut self,
-        conn: ConnRef,
-        room: &str,
-        since: Option<i64>,
-        result: StoreResult<Vec<StoredMessage>>,
-    ) {
-        // The room exists in the store now: its batches may go, whatever
-        // became of the member that asked.
-        if result.is_ok() {
-            if let Some(key) = self.rooms.key_of(room) {
-                if let Some(r) = self.rooms.get_mut(key) {
-                    r.confirmed = true;
-                    if !r.pending.is_empty() && !r.dirty {
-                        r.dirty = true;
-                        self.dirty_rooms.push(key);
-                    }
-                }
-            }
-        }
-        if !self.live(conn) {
-            return;
-        }
-        let history = match result {
-            Ok(h) => h,
-            Err(e) => {
-                log::warn!("join failed: {e}");
-                self.send_error(
-                    conn.token,
-                    "store_unavailable",
-                    "cannot load the room: the store is unavailable",
-                );
-                return self.ws_close(conn.token, close::INTERNAL, "store unavailable", false);
-            }
-        };
-        let Some(w) = self.ws_mut(conn.token) else {
-            return;
-        };
-        if !matches!(w.phase, Phase::Joining { .. }) {
-            return; // closed while its history was loading
-        }
-        let Phase::Joining { buffered, .. } = std::mem::replace(&mut w.phase, Phase::Live) else {
-            return;
-        };
-        // The buffer holds every message broadcast since this member joined
-        // the room, without a gap, up to now; the history ends at or after
-        // the point where the buffer starts. So: the history up to the first
-        // buffered message, then the whole buffer. Nothing twice, no gap.
-        let first_buffered = buffered.first().map(|(seq, _)| *seq);
-        // Completions of different workers may arrive in either order: a
-        // batch the history already holds can still be on its way.
-        w.sent_upto = history
-            .last()
-            .map(|m| m.seq)
-            .max(buffered.last().map(|(seq, _)| *seq))
-            .max(since)
-            .unwrap_or(i64::MIN);
-        let mut bytes = Vec::new();
-        for m in history
-            .iter()
-            .filter(|m| first_buffered.is_none_or(|f| m.seq < f))
-        {
-            ws::message_frame_into(&mut bytes, m);
-        }
-        let bytes_len = bytes.len();
-        let out = &mut w.ws.get_mut().out;
-        out.push(Rc::from(bytes));
-        let mut delivered = 0;
-        for (seq, frame) in buffered {
-            if since.is_none_or(|s| seq > s) {
-                out.push(frame);
-                delivered += 1;
-            }
-        }
-        // The history itself does not count against the backlog limit.
-        w.allowance = bytes_len;
-        self.counters.messages_delivered += delivered;
-        self.schedule_flush(conn.token);
     }
 
     /// A `store_unavailable` frame to each live sender, once per sender.
