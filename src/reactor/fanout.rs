@@ -8,7 +8,9 @@
 
 use std::rc::Rc;
 
-use super::{Kind, Phase, Reactor};
+use super::conns::Kind;
+use super::ws_conn::Phase;
+use super::Reactor;
 use crate::ws::close;
 
 impl Reactor {

@@ -15,9 +15,10 @@ use tungstenite::protocol::Role;
 use tungstenite::WebSocket;
 
 use super::completions::Outcome;
+use super::conns::{discard_input, Discarded, Kind, READ_CHUNK, TURN_BUDGET};
 use super::joins::RESUME_LIMIT;
 use super::ws_conn::{Phase, WsConn};
-use super::{discard_input, Discarded, Kind, Reactor, READ_CHUNK, TURN_BUDGET};
+use super::Reactor;
 use crate::api::{Action, Upgrade};
 use crate::http::{self, Parsed, Request, Response};
 use crate::outbuf::OutBuf;

@@ -9,7 +9,8 @@
 
 use std::rc::Rc;
 
-use super::{Phase, Reactor};
+use super::ws_conn::Phase;
+use super::Reactor;
 use crate::rooms::ConnRef;
 use crate::store::{StoreResult, StoredMessage};
 use crate::ws::{self, close};

@@ -9,7 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Kind, Reactor};
+use super::conns::Kind;
+use super::Reactor;
 use crate::http::Response;
 use crate::rooms::ConnRef;
 use crate::ws::close;

@@ -5,7 +5,9 @@
 
 use std::time::Instant;
 
-use super::{Kind, Phase, Reactor};
+use super::conns::Kind;
+use super::ws_conn::Phase;
+use super::Reactor;
 use crate::http::Response;
 use crate::ws::{self, close};
 

@@ -12,7 +12,8 @@ use std::time::Instant;
 use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::{Message, WebSocket};
 
-use super::{discard_input, Discarded, Kind, Reactor, LINGER, TURN_BUDGET};
+use super::conns::{discard_input, Discarded, Kind, LINGER, TURN_BUDGET};
+use super::Reactor;
 use crate::rooms::{ConnRef, Pending};
 use crate::store::NewMessage;
 use crate::ws::{self, close, Bucket, WsIo};
