@@ -1,4 +1,5 @@
-//! Work done off the reactor thread comes back here, into the pass.
+//! Work done off the reactor thread: the worker lanes it goes to, and the
+//! one place where it comes back into the pass.
 //!
 //! Every worker sends its result, an [`Outcome`], over one channel and wakes
 //! the loop. [`Reactor::apply_completions`] takes them, a bounded number per
@@ -7,17 +8,25 @@
 //! stored) is one more sender on that channel and one more arm of `Outcome`
 //! and of `apply`, not a new path.
 
+use std::io;
+use std::sync::Arc;
 use std::time::Instant;
+
+use crossbeam_channel::Receiver;
+use mio::Waker;
 
 use super::Reactor;
 use crate::api;
 use crate::http::Response;
 use crate::rooms::{ConnRef, DeferredJoin};
-use crate::store::{Room, StoreResult, StoredMessage};
+use crate::store::{Room, Store, StoreResult, StoredMessage};
+use crate::workers::Pool;
 use crate::ws::close;
 
 /// Jobs waiting per worker lane before the server answers 503.
-pub(super) const QUEUE_CAPACITY: usize = 4096;
+const QUEUE_CAPACITY: usize = 4096;
+/// Completions applied in one go before socket events get a turn again.
+const APPLY_MAX: usize = 4096;
 
 /// A completion from a worker.
 pub enum Outcome {
@@ -59,18 +68,92 @@ pub struct BatchOf {
     pub(super) oldest: Instant,
 }
 
+/// The worker lanes: password hashing (slow on purpose, at a lower
+/// priority) and the store, so that a login storm never delays a chat
+/// message waiting to be stored.
+pub(super) struct Lanes {
+    pub(super) hash: Pool<Outcome>,
+    pub(super) store: Pool<Outcome>,
+}
+
+/// The receiving end of the workers' results.
+pub(super) struct Completions {
+    done: Receiver<Outcome>,
+    /// The last `apply_completions` stopped at its bound: more are waiting.
+    more: bool,
+}
+
+/// Start both lanes with `workers` threads each; they send their results
+/// to the returned [`Completions`] and wake the loop with `waker`.
+pub(super) fn start(
+    workers: usize,
+    store: Arc<dyn Store>,
+    waker: &Arc<Waker>,
+) -> io::Result<(Lanes, Completions)> {
+    let (done_tx, done_rx) = crossbeam_channel::unbounded();
+    let hash = Pool::new(
+        "hash",
+        workers,
+        QUEUE_CAPACITY,
+        5,
+        store.clone(),
+        done_tx.clone(),
+        waker.clone(),
+    )?;
+    let store = Pool::new(
+        "store",
+        workers,
+        QUEUE_CAPACITY,
+        0,
+        store,
+        done_tx,
+        waker.clone(),
+    )?;
+    let completions = Completions {
+        done: done_rx,
+        more: false,
+    };
+    Ok((Lanes { hash, store }, completions))
+}
+
+impl Lanes {
+    /// The store lane takes no more jobs now.
+    pub(super) fn store_full(&self) -> bool {
+        self.store.depth() >= QUEUE_CAPACITY
+    }
+
+    /// Let the threads finish, waiting no later than `deadline`.
+    pub(super) fn shutdown(self, deadline: Instant) {
+        self.hash.shutdown(deadline);
+        self.store.shutdown(deadline);
+    }
+}
+
+impl Completions {
+    /// Results are waiting.
+    pub(super) fn waiting(&self) -> bool {
+        !self.done.is_empty()
+    }
+
+    /// The last round stopped at its bound with more waiting: the next
+    /// pass must not sleep.
+    pub(super) fn more(&self) -> bool {
+        self.more
+    }
+}
+
 impl Reactor {
     /// Apply what the workers finished. Bounded, so a flood of completions
-    /// cannot starve socket events; `more_done` asks for a quick next pass.
+    /// cannot starve socket events; `more` asks for a quick next pass.
     pub(super) fn apply_completions(&mut self) {
-        self.more_done = false;
-        for _ in 0..4096 {
-            let Ok(outcome) = self.done.try_recv() else {
+        self.completions.more = false;
+        for _ in 0..APPLY_MAX {
+            let Ok(outcome) = self.completions.done.try_recv() else {
                 return;
             };
             self.apply(outcome);
         }
-        self.more_done = true;
+        self.completions.more = true;
     }
 
     fn apply(&mut self, outcome: Outcome) {

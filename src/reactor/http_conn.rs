@@ -167,8 +167,9 @@ impl Reactor {
             return;
         };
         let head_only = req.method == "HEAD";
-        let keep_alive = req.keep_alive && self.shutdown.is_none();
-        if self.shutdown.is_some() {
+        let shutting_down = self.shutdown.in_progress();
+        let keep_alive = req.keep_alive && !shutting_down;
+        if shutting_down {
             let mut resp = Response::error(503, "Server is shutting down");
             resp.close = true;
             return self.respond(token, resp, false, head_only);
@@ -177,9 +178,9 @@ impl Reactor {
         let (pool, job, deleting) = match action {
             Action::Reply(resp) => return self.respond(token, resp, keep_alive, head_only),
             Action::Upgrade(up) => return self.upgrade(token, req, up),
-            Action::Hash(job) => (&self.hash_pool, job, None),
-            Action::Store(job) => (&self.store_pool, job, None),
-            Action::Delete { room, job } => (&self.store_pool, job, Some(room)),
+            Action::Hash(job) => (&self.lanes.hash, job, None),
+            Action::Store(job) => (&self.lanes.store, job, None),
+            Action::Delete { room, job } => (&self.lanes.store, job, Some(room)),
         };
         if pool.try_submit(job).is_err() {
             log::warn!("{} queue full; answering 503", pool.name());
@@ -285,7 +286,7 @@ impl Reactor {
                 result,
             }
         });
-        if self.store_pool.try_submit(job).is_err() {
+        if self.lanes.store.try_submit(job).is_err() {
             let resp = Response::error(503, "Server is busy; retry shortly");
             return self.respond(token, resp, false, false);
         }

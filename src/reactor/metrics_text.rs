@@ -91,8 +91,8 @@ impl Reactor {
                  # TYPE chatconnect_worker_queue_depth gauge\n\
                  chatconnect_worker_queue_depth{{lane=\"hash\"}} {}\n\
                  chatconnect_worker_queue_depth{{lane=\"store\"}} {}\n",
-                self.hash_pool.depth(),
-                self.store_pool.depth()
+                self.lanes.hash.depth(),
+                self.lanes.store.depth()
             ),
         );
         self.shared.store_latency.render(

@@ -30,11 +30,10 @@ mod ws_conn;
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
@@ -47,13 +46,12 @@ use crate::http::ResponseHeaders;
 use crate::metrics::{Counters, Shared};
 use crate::rooms::Rooms;
 use crate::store::Store;
-use crate::workers::Pool;
 use crate::ws;
 use conns::{bind_listener, Conn, Kind, LISTENER, WAKER};
-use shutdown::ShutdownState;
+use shutdown::Shutdown;
 
-use completions::QUEUE_CAPACITY;
 pub use completions::{BatchOf, Outcome};
+use completions::{Completions, Lanes};
 pub use joins::RESUME_LIMIT;
 
 /// While writing to many sockets in one pass, look for finished store work
@@ -63,6 +61,7 @@ const FLUSH_CHECK_EVERY: usize = 32;
 /// Every 32 writes (about 0.25 ms) made batches so small that the extra
 /// per-batch work cost more than it saved; 2 ms is about 256 writes.
 const MID_PASS_POLL: Duration = Duration::from_millis(2);
+
 pub struct Reactor {
     cfg: Arc<Config>,
     poll: Poll,
@@ -72,9 +71,10 @@ pub struct Reactor {
     conns: Slab<Conn>,
     next_id: u64,
     rooms: Rooms,
-    hash_pool: Pool<Outcome>,
-    store_pool: Pool<Outcome>,
-    done: Receiver<Outcome>,
+    /// The worker lanes, and where their results come back
+    /// (`completions.rs`).
+    lanes: Lanes,
+    completions: Completions,
     _waker: Arc<Waker>,
     api: Api,
     headers: ResponseHeaders,
@@ -88,9 +88,8 @@ pub struct Reactor {
     /// may be (the store lane's thread count).
     writes_inflight: usize,
     write_slots: usize,
-    stop: Arc<AtomicBool>,
-    shutdown: Option<ShutdownState>,
-    more_done: bool,
+    /// Whether, and since when, the server is stopping (`shutdown.rs`).
+    shutdown: Shutdown,
     tick: Duration,
     /// Events buffer for taking socket events in the middle of a pass.
     mid_pass_events: Option<Events>,
@@ -116,26 +115,8 @@ impl Reactor {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let workers = cfg.worker_count();
-        let hash_pool = Pool::new(
-            "hash",
-            workers,
-            QUEUE_CAPACITY,
-            5,
-            store.clone(),
-            done_tx.clone(),
-            waker.clone(),
-        )?;
-        let store_pool = Pool::new(
-            "store",
-            workers,
-            QUEUE_CAPACITY,
-            0,
-            store,
-            done_tx,
-            waker.clone(),
-        )?;
+        let (lanes, completions) = completions::start(workers, store, &waker)?;
         let ping = cfg.ping_interval;
         let tick = (ping / 4)
             .min(cfg.http_header_timeout / 4)
@@ -146,6 +127,7 @@ impl Reactor {
             cors_origin: cfg.cors_origin.clone(),
         };
         let api = Api::new(cfg.clone(), tokens);
+        let shutdown = Shutdown::new(stop, cfg.shutdown_timeout);
         let reactor = Reactor {
             cfg,
             poll,
@@ -155,9 +137,8 @@ impl Reactor {
             conns: Slab::with_capacity(1024),
             next_id: 0,
             rooms: Rooms::default(),
-            hash_pool,
-            store_pool,
-            done: done_rx,
+            lanes,
+            completions,
             _waker: waker.clone(),
             api,
             headers,
@@ -169,9 +150,7 @@ impl Reactor {
             dirty_rooms: Vec::new(),
             writes_inflight: 0,
             write_slots: workers,
-            stop,
-            shutdown: None,
-            more_done: false,
+            shutdown,
             tick,
             mid_pass_events: Some(Events::with_capacity(1024)),
         };
@@ -190,11 +169,11 @@ impl Reactor {
             let now = Instant::now();
             let timeout = if !self.again.is_empty()
                 || !self.flush_list.is_empty()
-                || self.more_done
+                || self.completions.more()
                 || self.can_submit()
             {
                 Duration::ZERO
-            } else if self.shutdown.is_some() {
+            } else if self.shutdown.in_progress() {
                 Duration::from_millis(20)
             } else {
                 next_tick.saturating_duration_since(now)
@@ -215,26 +194,15 @@ impl Reactor {
                 self.on_tick(now);
                 next_tick = now + self.tick;
             }
-            if self.shutdown.is_none() && self.stop.load(Ordering::SeqCst) {
+            if self.shutdown.requested() {
                 self.begin_shutdown();
             }
-            if self.shutdown.is_some() && self.shutdown_step() {
+            if self.shutdown.in_progress() && self.shutdown_step() {
                 break;
             }
         }
         log::info!("waiting for workers to finish");
-        let started = self
-            .shutdown
-            .as_ref()
-            .map_or_else(Instant::now, |s| s.started);
-        let deadline = started + self.cfg.shutdown_timeout;
-        let Reactor {
-            hash_pool,
-            store_pool,
-            ..
-        } = self;
-        hash_pool.shutdown(deadline);
-        store_pool.shutdown(deadline);
+        self.lanes.shutdown(self.shutdown.deadline());
         log::info!("stopped");
         Ok(())
     }
@@ -281,14 +249,14 @@ impl Reactor {
             // up to two passes instead of one.
             if i % FLUSH_CHECK_EVERY == FLUSH_CHECK_EVERY - 1 {
                 let now = Instant::now();
-                if now - last_poll >= MID_PASS_POLL && self.shutdown.is_none() {
+                if now - last_poll >= MID_PASS_POLL && !self.shutdown.in_progress() {
                     self.poll_now();
                     self.apply_completions();
                     self.submit_batches();
                     // Counted from the end of that work, which can itself
                     // take milliseconds (a broadcast to thousands).
                     last_poll = Instant::now();
-                } else if !self.done.is_empty() {
+                } else if self.completions.waiting() {
                     self.apply_completions();
                     self.submit_batches();
                 }

@@ -8,7 +8,7 @@
 
 use std::rc::Rc;
 
-use super::completions::{BatchOf, Outcome, QUEUE_CAPACITY};
+use super::completions::{BatchOf, Outcome};
 use super::Reactor;
 use crate::rooms::ConnRef;
 use crate::store::{RoomBatch, Store, StoreError, StoreResult, StoredMessage};
@@ -33,7 +33,7 @@ impl Reactor {
         // under the slow-consumer limit: a member that reads keeps up.
         let byte_cap = self.cfg.ws_max_backlog / 4;
         while self.can_submit() {
-            if self.store_pool.depth() >= QUEUE_CAPACITY {
+            if self.lanes.store_full() {
                 return; // retried on the next pass
             }
             let keys = std::mem::take(&mut self.dirty_rooms);
@@ -98,7 +98,7 @@ impl Reactor {
             });
             // Only the reactor submits, so after the depth check this cannot
             // fail; if it does, the batches are lost: say so.
-            if self.store_pool.try_submit(job).is_ok() {
+            if self.lanes.store.try_submit(job).is_ok() {
                 self.writes_inflight += 1;
             } else {
                 log::error!("store queue refused a write of {total} messages");

@@ -7,6 +7,8 @@
 //! Called by the pass in `mod.rs`: [`Reactor::begin_shutdown`] once, then
 //! [`Reactor::shutdown_step`] after every pass until it says to stop.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::conns::Kind;
@@ -19,9 +21,47 @@ use crate::ws::close;
 /// the end and exit, after connections are dropped.
 const WORKER_GRACE: Duration = Duration::from_millis(100);
 
-pub(super) struct ShutdownState {
-    pub(super) started: Instant,
+pub(super) struct Shutdown {
+    /// Set (and the loop woken) by whoever wants the server to stop.
+    stop: Arc<AtomicBool>,
+    /// `SHUTDOWN_TIMEOUT`.
+    timeout: Duration,
+    /// Since the shutdown began.
+    progress: Option<Progress>,
+}
+
+struct Progress {
+    started: Instant,
+    /// Every WebSocket has been sent its 1001.
     closing_sent: bool,
+}
+
+impl Shutdown {
+    pub(super) fn new(stop: Arc<AtomicBool>, timeout: Duration) -> Shutdown {
+        Shutdown {
+            stop,
+            timeout,
+            progress: None,
+        }
+    }
+
+    /// A stop was asked for and the shutdown has not begun.
+    pub(super) fn requested(&self) -> bool {
+        self.progress.is_none() && self.stop.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn in_progress(&self) -> bool {
+        self.progress.is_some()
+    }
+
+    /// When the worker threads are no longer waited for.
+    pub(super) fn deadline(&self) -> Instant {
+        let started = self
+            .progress
+            .as_ref()
+            .map_or_else(Instant::now, |p| p.started);
+        started + self.timeout
+    }
 }
 
 impl Reactor {
@@ -34,7 +74,7 @@ impl Reactor {
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
-        self.shutdown = Some(ShutdownState {
+        self.shutdown.progress = Some(Progress {
             started: Instant::now(),
             closing_sent: false,
         });
@@ -85,12 +125,12 @@ impl Reactor {
 
     /// Drive the shutdown; true when the loop may end.
     pub(super) fn shutdown_step(&mut self) -> bool {
-        let timeout = self.cfg.shutdown_timeout;
-        let Some(state) = &self.shutdown else {
+        let timeout = self.shutdown.timeout;
+        let Some(progress) = &self.shutdown.progress else {
             return false;
         };
-        let elapsed = state.started.elapsed();
-        if !state.closing_sent {
+        let elapsed = progress.started.elapsed();
+        if !progress.closing_sent {
             // Store what was accepted, broadcast it, then say goodbye.
             if self.rooms.has_unstored() && elapsed < timeout / 2 {
                 return false;
@@ -99,8 +139,8 @@ impl Reactor {
                 log::warn!("shutdown: some messages were still being stored");
                 self.refuse_pending();
             }
-            if let Some(s) = &mut self.shutdown {
-                s.closing_sent = true;
+            if let Some(p) = &mut self.shutdown.progress {
+                p.closing_sent = true;
             }
             let ws: Vec<usize> = self
                 .conns

@@ -169,7 +169,7 @@ impl Reactor {
     }
 
     fn on_text(&mut self, token: usize, text: &str) {
-        if self.shutdown.is_some() {
+        if self.shutdown.in_progress() {
             return; // not accepted, not acknowledged: the client sees 1001 next
         }
         let now = Instant::now();
