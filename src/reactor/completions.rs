@@ -173,10 +173,9 @@ impl Reactor {
                     if deleted {
                         self.close_room(key, close::ROOM_DELETED, "room deleted");
                     } else if let Some(r) = self.rooms.get_mut(key) {
-                        if r.deleting == 0 && !r.pending.is_empty() && !r.dirty {
+                        if r.deleting == 0 {
                             // Not deleted after all: what waited goes now.
-                            r.dirty = true;
-                            self.dirty_rooms.push(key);
+                            self.pipeline.queue_room(key, r);
                         }
                     }
                 }
@@ -206,16 +205,7 @@ impl Reactor {
                 }
                 self.joined(conn, &room, since, result)
             }
-            Outcome::Batches { rooms, results } => {
-                self.writes_inflight -= 1;
-                for (b, result) in rooms.into_iter().zip(results) {
-                    if result.is_ok() {
-                        let waited = b.oldest.elapsed().as_secs_f64();
-                        self.shared.commit_latency.observe(waited);
-                    }
-                    self.batch_done(b.room_key, b.room_id, b.senders, result);
-                }
-            }
+            Outcome::Batches { rooms, results } => self.batches_written(rooms, results),
         }
     }
 }

@@ -32,10 +32,7 @@ impl Reactor {
             if let Some(key) = self.rooms.key_of(room) {
                 if let Some(r) = self.rooms.get_mut(key) {
                     r.confirmed = true;
-                    if !r.pending.is_empty() && !r.dirty {
-                        r.dirty = true;
-                        self.dirty_rooms.push(key);
-                    }
+                    self.pipeline.queue_room(key, r);
                 }
             }
         }

@@ -48,6 +48,7 @@ use crate::rooms::Rooms;
 use crate::store::Store;
 use crate::ws;
 use conns::{bind_listener, Conn, Kind, LISTENER, WAKER};
+use pipeline::Pipeline;
 use shutdown::Shutdown;
 
 pub use completions::{BatchOf, Outcome};
@@ -83,11 +84,9 @@ pub struct Reactor {
     ws_config: WebSocketConfig,
     flush_list: Vec<usize>,
     again: Vec<usize>,
-    dirty_rooms: Vec<usize>,
-    /// Store writes of messages submitted and not yet complete, and how many
-    /// may be (the store lane's thread count).
-    writes_inflight: usize,
-    write_slots: usize,
+    /// Which rooms go to the store next, and the writes in flight
+    /// (`pipeline.rs`).
+    pipeline: Pipeline,
     /// Whether, and since when, the server is stopping (`shutdown.rs`).
     shutdown: Shutdown,
     tick: Duration,
@@ -128,6 +127,7 @@ impl Reactor {
         };
         let api = Api::new(cfg.clone(), tokens);
         let shutdown = Shutdown::new(stop, cfg.shutdown_timeout);
+        let pipeline = Pipeline::new(&cfg, workers, shared.clone());
         let reactor = Reactor {
             cfg,
             poll,
@@ -147,9 +147,7 @@ impl Reactor {
             ws_config,
             flush_list: Vec::new(),
             again: Vec::new(),
-            dirty_rooms: Vec::new(),
-            writes_inflight: 0,
-            write_slots: workers,
+            pipeline,
             shutdown,
             tick,
             mid_pass_events: Some(Events::with_capacity(1024)),
@@ -170,7 +168,7 @@ impl Reactor {
             let timeout = if !self.again.is_empty()
                 || !self.flush_list.is_empty()
                 || self.completions.more()
-                || self.can_submit()
+                || self.pipeline.can_submit()
             {
                 Duration::ZERO
             } else if self.shutdown.in_progress() {
@@ -186,7 +184,7 @@ impl Reactor {
             self.handle_events(&events);
             self.run_again();
             self.apply_completions();
-            self.submit_batches();
+            self.pipeline.submit(&mut self.rooms, &self.lanes);
             self.flush_all();
 
             let now = Instant::now();
@@ -252,13 +250,13 @@ impl Reactor {
                 if now - last_poll >= MID_PASS_POLL && !self.shutdown.in_progress() {
                     self.poll_now();
                     self.apply_completions();
-                    self.submit_batches();
+                    self.pipeline.submit(&mut self.rooms, &self.lanes);
                     // Counted from the end of that work, which can itself
                     // take milliseconds (a broadcast to thousands).
                     last_poll = Instant::now();
                 } else if self.completions.waiting() {
                     self.apply_completions();
-                    self.submit_batches();
+                    self.pipeline.submit(&mut self.rooms, &self.lanes);
                 }
             }
             // A connection dropped during the pass may have left its key to

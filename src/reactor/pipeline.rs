@@ -1,21 +1,97 @@
-//! The store pipeline (group commit): every room with waiting messages and
-//! no batch in flight gives its next batch, the batches of many rooms go to
-//! the store lane as one write, and when the write is back each stored batch
-//! is sent to its room, the joins that waited for it are answered, and the
-//! senders of a batch that failed are told.
+//! The store pipeline (group commit). A chat message accepted from a member
+//! waits in its room's pending list; every room with waiting messages and
+//! no batch in flight gives its next batch, and the batches of many rooms go
+//! to the store lane as one write. When the write is back, each stored batch
+//! is encoded once and queued to its room (`fanout.rs`), joins that waited
+//! for it are answered (`joins.rs`), and the senders of a batch that failed
+//! are told.
 //!
-//! Called by the pass (submitting) and by completions (a write is done).
+//! The per-room state (pending messages, batch in flight, confirmed) lives in
+//! `crate::rooms`; this part owns the order in which rooms are written and
+//! how many writes are in flight. Called by `ws_conn.rs` (a message is
+//! accepted), by the pass (submitting), and by completions (a write is done,
+//! a room is confirmed or not deleted after all).
 
 use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
 
-use super::completions::{BatchOf, Outcome};
+use super::completions::{BatchOf, Lanes, Outcome};
 use super::Reactor;
-use crate::rooms::ConnRef;
-use crate::store::{RoomBatch, Store, StoreError, StoreResult, StoredMessage};
+use crate::config::Config;
+use crate::metrics::Shared;
+use crate::rooms::{ConnRef, Pending, Room, Rooms};
+use crate::store::{NewMessage, RoomBatch, Store, StoreError, StoreResult, StoredMessage};
 use crate::workers::Job;
 use crate::ws::{self, close};
 
-impl Reactor {
+pub(super) struct Pipeline {
+    /// Rooms that may have a batch to give, in the order they got one.
+    dirty_rooms: Vec<usize>,
+    /// Store writes of messages submitted and not yet complete, and how many
+    /// may be (the store lane's thread count).
+    writes_inflight: usize,
+    write_slots: usize,
+    /// Most messages in one write, over all its rooms (`STORE_BATCH_MAX`).
+    write_max: usize,
+    /// Most bytes of one room's batch (a quarter of `WS_MAX_BACKLOG`).
+    byte_cap: usize,
+    /// Where the commit latency of each batch is recorded.
+    shared: Arc<Shared>,
+}
+
+impl Pipeline {
+    pub(super) fn new(cfg: &Config, write_slots: usize, shared: Arc<Shared>) -> Pipeline {
+        Pipeline {
+            dirty_rooms: Vec::new(),
+            writes_inflight: 0,
+            write_slots,
+            write_max: cfg.store_batch_max as usize,
+            // A batch is queued to every member at once, so its bytes stay
+            // well under the slow-consumer limit: a member that reads keeps
+            // up.
+            byte_cap: cfg.ws_max_backlog / 4,
+            shared,
+        }
+    }
+
+    /// A message from `sender` joins room `room_key`'s pending list, stamped
+    /// so that timestamps never go backwards in a room. False when the room
+    /// is gone.
+    pub(super) fn accept(
+        &mut self,
+        rooms: &mut Rooms,
+        room_key: usize,
+        sender: ConnRef,
+        username: String,
+        content: String,
+    ) -> bool {
+        let Some(room) = rooms.get_mut(room_key) else {
+            return false;
+        };
+        let ts = ws::now_millis().max(room.last_ts);
+        room.last_ts = ts;
+        room.pending.push(Pending {
+            arrived: Instant::now(),
+            sender,
+            msg: NewMessage {
+                username,
+                content,
+                timestamp: ts,
+            },
+        });
+        self.queue_room(room_key, room);
+        true
+    }
+
+    /// Room `key` has waiting messages: list it for the next write (once).
+    pub(super) fn queue_room(&mut self, key: usize, room: &mut Room) {
+        if !room.pending.is_empty() && !room.dirty {
+            room.dirty = true;
+            self.dirty_rooms.push(key);
+        }
+    }
+
     /// Rooms are waiting for a store write and a write may start.
     pub(super) fn can_submit(&self) -> bool {
         !self.dirty_rooms.is_empty() && self.writes_inflight < self.write_slots
@@ -27,13 +103,10 @@ impl Reactor {
     /// `STORE_BATCH_MAX` messages. At most one write per store thread is in
     /// flight: while they run, new messages gather for the next one, so the
     /// busier the server, the bigger the writes.
-    pub(super) fn submit_batches(&mut self) {
-        let write_max = self.cfg.store_batch_max as usize;
-        // A batch is queued to every member at once, so its bytes stay well
-        // under the slow-consumer limit: a member that reads keeps up.
-        let byte_cap = self.cfg.ws_max_backlog / 4;
+    pub(super) fn submit(&mut self, rooms: &mut Rooms, lanes: &Lanes) {
+        let write_max = self.write_max;
         while self.can_submit() {
-            if self.lanes.store_full() {
+            if lanes.store_full() {
                 return; // retried on the next pass
             }
             let keys = std::mem::take(&mut self.dirty_rooms);
@@ -42,7 +115,7 @@ impl Reactor {
             let mut batches: Vec<RoomBatch> = Vec::new();
             let mut total = 0;
             for key in keys {
-                let Some(room) = self.rooms.get_mut(key) else {
+                let Some(room) = rooms.get_mut(key) else {
                     continue;
                 };
                 if total >= write_max {
@@ -62,7 +135,7 @@ impl Reactor {
                 let mut bytes = 0;
                 for p in room.pending.iter().take(write_max - total) {
                     bytes += p.msg.content.len() + p.msg.username.len() + 128;
-                    if n > 0 && bytes > byte_cap {
+                    if n > 0 && bytes > self.byte_cap {
                         break;
                     }
                     n += 1;
@@ -98,20 +171,38 @@ impl Reactor {
             });
             // Only the reactor submits, so after the depth check this cannot
             // fail; if it does, the batches are lost: say so.
-            if self.lanes.store.try_submit(job).is_ok() {
+            if lanes.store.try_submit(job).is_ok() {
                 self.writes_inflight += 1;
             } else {
                 log::error!("store queue refused a write of {total} messages");
                 for key in keys {
-                    if let Some(room) = self.rooms.get_mut(key) {
+                    if let Some(room) = rooms.get_mut(key) {
                         room.inflight = false;
                     }
                 }
             }
         }
     }
+}
 
-    pub(super) fn batch_done(
+impl Reactor {
+    /// A store write is back: one result per room, in the order of `parts`.
+    pub(super) fn batches_written(
+        &mut self,
+        parts: Vec<BatchOf>,
+        results: Vec<StoreResult<Vec<StoredMessage>>>,
+    ) {
+        self.pipeline.writes_inflight -= 1;
+        for (b, result) in parts.into_iter().zip(results) {
+            if result.is_ok() {
+                let waited = b.oldest.elapsed().as_secs_f64();
+                self.pipeline.shared.commit_latency.observe(waited);
+            }
+            self.batch_done(b.room_key, b.room_id, b.senders, result);
+        }
+    }
+
+    fn batch_done(
         &mut self,
         room_key: usize,
         room_id: u64,
@@ -158,10 +249,7 @@ impl Reactor {
         let mut deferred = Vec::new();
         let mut name = None;
         if let Some(room) = self.rooms.get_mut(room_key) {
-            if !room.pending.is_empty() && !room.dirty {
-                room.dirty = true;
-                self.dirty_rooms.push(room_key);
-            }
+            self.pipeline.queue_room(room_key, room);
             deferred = std::mem::take(&mut room.deferred_joins);
             name = Some(room.name.clone());
         }

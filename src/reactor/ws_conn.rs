@@ -14,8 +14,7 @@ use tungstenite::{Message, WebSocket};
 
 use super::conns::{discard_input, Discarded, Kind, LINGER, TURN_BUDGET};
 use super::Reactor;
-use crate::rooms::{ConnRef, Pending};
-use crate::store::NewMessage;
+use crate::rooms::ConnRef;
 use crate::ws::{self, close, Bucket, WsIo};
 
 pub(super) enum Phase {
@@ -209,25 +208,13 @@ impl Reactor {
         let Some(id) = self.conns.get(token).map(|c| c.id) else {
             return;
         };
-        let Some(room) = self.rooms.get_mut(room_key) else {
-            return;
-        };
-        let ts = ws::now_millis().max(room.last_ts);
-        room.last_ts = ts;
-        room.pending.push(Pending {
-            arrived: Instant::now(),
-            sender: ConnRef { token, id },
-            msg: NewMessage {
-                username,
-                content,
-                timestamp: ts,
-            },
-        });
-        if !room.dirty {
-            room.dirty = true;
-            self.dirty_rooms.push(room_key);
+        let sender = ConnRef { token, id };
+        if self
+            .pipeline
+            .accept(&mut self.rooms, room_key, sender, username, content)
+        {
+            self.counters.messages_received += 1;
         }
-        self.counters.messages_received += 1;
     }
 
     fn leave_room(&mut self, token: usize) {
