@@ -3,10 +3,12 @@
 //!
 //! Every worker sends its result, an [`Outcome`], over one channel and wakes
 //! the loop. [`Reactor::apply_completions`] takes them, a bounded number per
-//! pass, and `apply` hands each to the step that owns it. A second source of
-//! finished work (such as a broker relaying the batches other instances
-//! stored) is one more sender on that channel and one more arm of `Outcome`
-//! and of `apply`, not a new path.
+//! pass, and `apply` hands each to the step that owns it: an HTTP answer to
+//! `http_conn.rs`, a history to `joins.rs`, a store write to `pipeline.rs`,
+//! a deleted room to `fanout.rs`. A second source of finished work (such as
+//! a broker relaying the batches other instances stored) is one more sender
+//! on that channel and one more arm of `Outcome` and of `apply`, not a new
+//! path.
 
 use std::io;
 use std::sync::Arc;
@@ -15,10 +17,10 @@ use std::time::Instant;
 use crossbeam_channel::Receiver;
 use mio::Waker;
 
-use super::Reactor;
+use super::{fanout, joins, Reactor};
 use crate::api;
 use crate::http::Response;
-use crate::rooms::{ConnRef, DeferredJoin};
+use crate::rooms::ConnRef;
 use crate::store::{Room, Store, StoreResult, StoredMessage};
 use crate::workers::Pool;
 use crate::ws::close;
@@ -156,6 +158,7 @@ impl Reactor {
         self.completions.more = true;
     }
 
+    /// Hand one completion to the step that owns it.
     fn apply(&mut self, outcome: Outcome) {
         match outcome {
             Outcome::Http { conn, resp } => self.complete_http(conn, resp),
@@ -171,7 +174,13 @@ impl Reactor {
             } => {
                 if let Some(key) = self.rooms.end_delete(&room) {
                     if deleted {
-                        self.close_room(key, close::ROOM_DELETED, "room deleted");
+                        fanout::close_room(
+                            &mut self.conns,
+                            &mut self.rooms,
+                            key,
+                            close::ROOM_DELETED,
+                            "room deleted",
+                        );
                     } else if let Some(r) = self.rooms.get_mut(key) {
                         if r.deleting == 0 {
                             // Not deleted after all: what waited goes now.
@@ -186,26 +195,19 @@ impl Reactor {
                 room,
                 since,
                 result,
-            } => {
-                // The history was read by one store thread while another may
-                // have been writing this room's batch: if that batch is still
-                // in flight, the history may hold part of it (or, cut to the
-                // newest HISTORY_LIMIT, hold its end but not its start). The
-                // member takes its history once the batch is broadcast, so
-                // its buffer holds the whole batch and the merge has no gap.
-                if let Some(r) = self.rooms.key_of(&room).and_then(|k| self.rooms.get_mut(k)) {
-                    if r.inflight && result.is_ok() {
-                        r.deferred_joins.push(DeferredJoin {
-                            conn,
-                            since,
-                            result,
-                        });
-                        return;
-                    }
-                }
-                self.joined(conn, &room, since, result)
+            } => joins::history_read(
+                &mut self.conns,
+                &mut self.rooms,
+                &mut self.pipeline,
+                conn,
+                room,
+                since,
+                result,
+            ),
+            Outcome::Batches { rooms, results } => {
+                self.pipeline
+                    .written(&mut self.conns, &mut self.rooms, rooms, results)
             }
-            Outcome::Batches { rooms, results } => self.batches_written(rooms, results),
         }
     }
 }

@@ -2,11 +2,12 @@
 //! to the endpoints (`crate::api`), queuing the answers, and the upgrade
 //! that turns the connection into a WebSocket.
 //!
-//! Called by the pass for a readable HTTP socket, by completions when a
-//! worker has computed an answer, and by the timers and the shutdown for the
-//! answers they give (408, 503).
+//! Called by the pass in `mod.rs` for a readable HTTP socket, by
+//! `completions.rs` when a worker has computed an answer, and by the timers
+//! and the shutdown for the answers they give (408, 503).
 
 use std::io::{self, Read};
+use std::net::Shutdown;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -14,18 +15,15 @@ use mio::net::TcpStream;
 use tungstenite::protocol::Role;
 use tungstenite::WebSocket;
 
-use super::completions::Outcome;
-use super::conns::{discard_input, Discarded, Kind, READ_CHUNK, TURN_BUDGET};
-use super::joins::RESUME_LIMIT;
-use super::ws_conn::{Phase, WsConn};
-use super::Reactor;
+use super::completions::Lanes;
+use super::conns::{Conns, Kind, LINGER, READ_CHUNK, TURN_BUDGET};
+use super::ws_conn::{self, WsConn};
+use super::{joins, Reactor};
 use crate::api::{Action, Upgrade};
 use crate::http::{self, Parsed, Request, Response};
 use crate::outbuf::OutBuf;
-use crate::rooms::ConnRef;
-use crate::store::{Room, Store};
-use crate::workers::Job;
-use crate::ws::{self, Bucket, WsIo};
+use crate::rooms::{ConnRef, Rooms};
+use crate::ws::WsIo;
 
 /// A connection's unsent response bytes above which no further pipelined
 /// request is parsed until the peer reads.
@@ -45,75 +43,69 @@ pub(super) struct HttpConn {
     pub(super) closing: bool,
     /// Write side shut, reading until the peer hangs up.
     pub(super) lingering: bool,
-    pub(super) peer_eof: bool,
-    pub(super) continue_sent: bool,
-    pub(super) read_paused: bool,
+    peer_eof: bool,
+    continue_sent: bool,
+    read_paused: bool,
 }
 
-impl Reactor {
-    pub(super) fn http_mut(&mut self, token: usize) -> Option<&mut HttpConn> {
-        match self.conns.get_mut(token).map(|c| &mut c.kind) {
-            Some(Kind::Http(h)) => Some(h),
-            _ => None,
+impl HttpConn {
+    /// A connection just accepted; its first request is due by `deadline`.
+    pub(super) fn new(sock: TcpStream, deadline: Instant) -> HttpConn {
+        HttpConn {
+            sock,
+            inbuf: Vec::new(),
+            out: OutBuf::default(),
+            deadline,
+            idle: false,
+            awaiting: None,
+            closing: false,
+            lingering: false,
+            peer_eof: false,
+            continue_sent: false,
+            read_paused: false,
         }
     }
 
+    /// Everything queued is written: a closing connection shuts its write
+    /// side and lingers. True when the connection has more to do in the next
+    /// pass (wait for the hang-up, or parse pipelined requests).
+    pub(super) fn sent_all(&mut self) -> bool {
+        if self.closing && !self.lingering {
+            self.lingering = true;
+            self.deadline = Instant::now() + LINGER;
+            let _ = self.sock.shutdown(Shutdown::Write);
+            true
+        } else {
+            self.awaiting.is_none() && !self.inbuf.is_empty() && !self.closing
+        }
+    }
+}
+
+impl Reactor {
+    /// A readable HTTP socket: read what arrived, then answer the requests
+    /// it completes.
     pub(super) fn read_http(&mut self, token: usize) {
-        let cap = self.cfg.http_max_head + self.cfg.http_max_body + READ_CHUNK;
-        let header_timeout = self.cfg.http_header_timeout;
-        let Some(h) = self.http_mut(token) else {
-            return;
-        };
-        if h.lingering {
-            // Discard until the peer hangs up.
-            return match discard_input(&mut h.sock) {
-                Discarded::Gone => self.drop_conn(token),
-                Discarded::All => {}
-                Discarded::More => self.again.push(token),
-            };
+        if read_requests(&mut self.conns, &mut self.rooms, token) {
+            self.process_http(token);
         }
-        let mut chunk = [0u8; READ_CHUNK];
-        loop {
-            if h.read_paused || h.peer_eof {
-                break;
-            }
-            if h.inbuf.len() >= cap {
-                h.read_paused = true;
-                break;
-            }
-            match h.sock.read(&mut chunk) {
-                Ok(0) => h.peer_eof = true,
-                Ok(n) => {
-                    if h.idle {
-                        h.idle = false;
-                        h.deadline = Instant::now() + header_timeout;
-                    }
-                    h.inbuf.extend_from_slice(&chunk[..n]);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return self.drop_conn(token),
-            }
-        }
-        self.process_http(token);
     }
 
     /// Answer the buffered requests, in order, until one needs a worker.
     fn process_http(&mut self, token: usize) {
         let limits = http::Limits {
-            max_head: self.cfg.http_max_head,
-            max_body: self.cfg.http_max_body,
+            max_head: self.conns.cfg.http_max_head,
+            max_body: self.conns.cfg.http_max_body,
         };
         let mut budget = TURN_BUDGET;
         loop {
-            let Some(h) = self.http_mut(token) else {
+            let Some(h) = self.conns.http_mut(token) else {
                 return;
             };
             if h.awaiting.is_some() || h.closing || h.out.len() > HTTP_OUT_HIGH_WATER {
                 break;
             }
             if budget == 0 {
-                self.again.push(token);
+                self.conns.continue_later(token);
                 break;
             }
             budget -= 1;
@@ -141,7 +133,7 @@ impl Reactor {
                     let mut resp = Response::error(status, text);
                     resp.close = true;
                     h.inbuf = Vec::new();
-                    self.respond(token, resp, false, false);
+                    respond(&mut self.conns, token, resp, false, false);
                     break;
                 }
                 Parsed::Complete(req, used) => {
@@ -152,18 +144,20 @@ impl Reactor {
                     h.continue_sent = false;
                     if h.read_paused {
                         h.read_paused = false;
-                        self.again.push(token);
+                        self.conns.continue_later(token);
                     }
-                    self.counters.http_requests += 1;
+                    self.conns.counters.http_requests += 1;
                     self.dispatch(token, *req);
                 }
             }
         }
-        self.schedule_flush(token);
+        self.conns.schedule_flush(token);
     }
 
+    /// Carry out what the endpoints decide for one request: answer now, hand
+    /// a job to a worker lane, or upgrade.
     fn dispatch(&mut self, token: usize, req: Request) {
-        let Some(conn) = self.conn_ref(token) else {
+        let Some(conn) = self.conns.conn_ref(token) else {
             return;
         };
         let head_only = req.method == "HEAD";
@@ -172,12 +166,16 @@ impl Reactor {
         if shutting_down {
             let mut resp = Response::error(503, "Server is shutting down");
             resp.close = true;
-            return self.respond(token, resp, false, head_only);
+            return respond(&mut self.conns, token, resp, false, head_only);
         }
         let action = self.api.route(conn, &req, &|| self.metrics_text());
         let (pool, job, deleting) = match action {
-            Action::Reply(resp) => return self.respond(token, resp, keep_alive, head_only),
-            Action::Upgrade(up) => return self.upgrade(token, req, up),
+            Action::Reply(resp) => {
+                return respond(&mut self.conns, token, resp, keep_alive, head_only)
+            }
+            Action::Upgrade(up) => {
+                return upgrade(&mut self.conns, &mut self.rooms, &self.lanes, token, up)
+            }
             Action::Hash(job) => (&self.lanes.hash, job, None),
             Action::Store(job) => (&self.lanes.store, job, None),
             Action::Delete { room, job } => (&self.lanes.store, job, Some(room)),
@@ -185,159 +183,166 @@ impl Reactor {
         if pool.try_submit(job).is_err() {
             log::warn!("{} queue full; answering 503", pool.name());
             let resp = Response::error(503, "Server is busy; retry shortly");
-            return self.respond(token, resp, keep_alive, head_only);
+            return respond(&mut self.conns, token, resp, keep_alive, head_only);
         }
         if let Some(room) = deleting {
             self.rooms.begin_delete(&room);
         }
-        if let Some(h) = self.http_mut(token) {
+        if let Some(h) = self.conns.http_mut(token) {
             h.awaiting = Some((keep_alive, head_only));
         }
     }
 
-    /// Queue a response on an HTTP connection.
-    pub(super) fn respond(
-        &mut self,
-        token: usize,
-        resp: Response,
-        keep_alive: bool,
-        head_only: bool,
-    ) {
-        let bytes = http::serialize(&resp, keep_alive, head_only, &self.headers);
-        let header_timeout = self.cfg.http_header_timeout;
-        let idle_timeout = self.cfg.http_idle_timeout;
-        let Some(h) = self.http_mut(token) else {
-            return;
-        };
-        h.out.push(Rc::from(bytes));
-        h.awaiting = None;
-        if !keep_alive || resp.close {
-            h.closing = true;
-        } else {
-            let now = Instant::now();
-            if h.inbuf.is_empty() {
-                h.idle = true;
-                h.deadline = now + idle_timeout;
-            } else {
-                h.deadline = now + header_timeout;
-            }
-        }
-        self.schedule_flush(token);
-    }
-
     /// Answer a waiting connection, then carry on with its pipeline.
     pub(super) fn complete_http(&mut self, conn: ConnRef, resp: Response) {
-        if !self.live(conn) {
+        if !self.conns.live(conn) {
             return;
         }
-        let Some(h) = self.http_mut(conn.token) else {
+        let Some(h) = self.conns.http_mut(conn.token) else {
             return;
         };
         let Some((keep_alive, head_only)) = h.awaiting else {
             return;
         };
-        self.respond(conn.token, resp, keep_alive, head_only);
+        respond(&mut self.conns, conn.token, resp, keep_alive, head_only);
         self.process_http(conn.token);
     }
+}
 
-    fn upgrade(&mut self, token: usize, req: Request, up: Upgrade) {
-        let Some(conn) = self.conn_ref(token) else {
-            return;
-        };
-        let fenced = self
-            .rooms
-            .key_of(&up.room)
-            .and_then(|k| self.rooms.get(k))
-            .is_some_and(|r| r.deleting > 0 || r.tombstone);
-        if fenced {
-            let resp = Response::error(503, "Room is being deleted; retry shortly");
-            return self.respond(token, resp, false, false);
-        }
-        // Ask for the room and its history first: if the queue is full the
-        // client gets a plain 503 instead of a socket that never joins.
-        let history_limit = self.cfg.history_limit;
-        let since = up.since;
-        let room = Room {
-            name: up.room.clone(),
-            creator: up.username.clone(),
-            created_at: ws::now_millis(),
-        };
-        let job: Job<Outcome> = Box::new(move |store: &dyn Store| {
-            let mut since = since;
-            let result = store.ensure_room(&room).and_then(|_| {
-                if let Some(s) = since {
-                    // A `since` past the room's newest message is no position
-                    // in it (the client saw an earlier room of this name,
-                    // deleted since): that client gets what a new member
-                    // gets. The newest is read first; what is stored after
-                    // that read reaches the member live.
-                    let newest = store.messages_before(&room.name, None, 1)?;
-                    if newest.last().map_or(0, |m| m.seq) >= s {
-                        return store.messages_after(&room.name, s, RESUME_LIMIT);
-                    }
-                    since = None;
-                }
-                store.messages_before(&room.name, None, history_limit)
-            });
-            Outcome::Joined {
-                conn,
-                room: room.name,
-                since,
-                result,
-            }
-        });
-        if self.lanes.store.try_submit(job).is_err() {
-            let resp = Response::error(503, "Server is busy; retry shortly");
-            return self.respond(token, resp, false, false);
-        }
-
-        let Some(entry) = self.conns.get_mut(token) else {
-            return;
-        };
-        let Kind::Http(h) = &mut entry.kind else {
-            return;
-        };
-        let handshake = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Accept: {}\r\n\r\n",
-            up.accept
-        );
-        h.out.push_bytes(handshake.as_bytes());
-        drop(req);
-        // Swap the HTTP state for the WebSocket state in the same slab entry.
-        let Kind::Http(h) = std::mem::replace(&mut entry.kind, Kind::Upgrading) else {
-            return;
-        };
-        let HttpConn {
-            sock, inbuf, out, ..
-        } = *h;
-        let io = WsIo { sock, out };
-        let socket = if inbuf.is_empty() {
-            WebSocket::from_raw_socket(io, Role::Server, Some(self.ws_config))
-        } else {
-            WebSocket::from_partially_read(io, inbuf, Role::Server, Some(self.ws_config))
-        };
-        let (room_key, member) = self.rooms.join(&up.room, token);
-        let now = Instant::now();
-        entry.kind = Kind::Ws(Box::new(WsConn {
-            ws: socket,
-            room_key,
-            member,
-            username: Rc::from(up.username.as_str()),
-            phase: Phase::Joining {
-                buffered: Vec::new(),
-                bytes: 0,
-            },
-            last_seen: now,
-            last_ping: now,
-            bucket: Bucket::new(self.cfg.ws_rate_burst, now),
-            allowance: 0,
-            sent_upto: i64::MIN,
-        }));
-        self.counters.http_connections -= 1;
-        self.counters.ws_connections += 1;
-        // Frames may have arrived with the upgrade request.
-        self.again.push(token);
-        self.schedule_flush(token);
+/// Read what the socket has into the connection's buffer. False when there
+/// is nothing to parse: the connection is lingering (its input is thrown
+/// away) or gone.
+fn read_requests(conns: &mut Conns, rooms: &mut Rooms, token: usize) -> bool {
+    let cap = conns.cfg.http_max_head + conns.cfg.http_max_body + READ_CHUNK;
+    let header_timeout = conns.cfg.http_header_timeout;
+    let Some(h) = conns.http_mut(token) else {
+        return false;
+    };
+    if h.lingering {
+        // Discard until the peer hangs up.
+        conns.discard_input(rooms, token);
+        return false;
     }
+    let mut chunk = [0u8; READ_CHUNK];
+    loop {
+        if h.read_paused || h.peer_eof {
+            break;
+        }
+        if h.inbuf.len() >= cap {
+            h.read_paused = true;
+            break;
+        }
+        match h.sock.read(&mut chunk) {
+            Ok(0) => h.peer_eof = true,
+            Ok(n) => {
+                if h.idle {
+                    h.idle = false;
+                    h.deadline = Instant::now() + header_timeout;
+                }
+                h.inbuf.extend_from_slice(&chunk[..n]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                conns.drop(rooms, token);
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Queue a response on an HTTP connection.
+pub(super) fn respond(
+    conns: &mut Conns,
+    token: usize,
+    resp: Response,
+    keep_alive: bool,
+    head_only: bool,
+) {
+    let bytes = http::serialize(&resp, keep_alive, head_only, &conns.headers);
+    let header_timeout = conns.cfg.http_header_timeout;
+    let idle_timeout = conns.cfg.http_idle_timeout;
+    let Some(h) = conns.http_mut(token) else {
+        return;
+    };
+    h.out.push(Rc::from(bytes));
+    h.awaiting = None;
+    if !keep_alive || resp.close {
+        h.closing = true;
+    } else {
+        let now = Instant::now();
+        if h.inbuf.is_empty() {
+            h.idle = true;
+            h.deadline = now + idle_timeout;
+        } else {
+            h.deadline = now + header_timeout;
+        }
+    }
+    conns.schedule_flush(token);
+}
+
+/// A WebSocket upgrade that passed the endpoint's checks: ask a worker for
+/// the room and its history, answer 101, and turn the connection into a
+/// member of its room, *joining* until the history is back (`joins.rs`).
+fn upgrade(conns: &mut Conns, rooms: &mut Rooms, lanes: &Lanes, token: usize, up: Upgrade) {
+    let Some(conn) = conns.conn_ref(token) else {
+        return;
+    };
+    let fenced = rooms
+        .key_of(&up.room)
+        .and_then(|k| rooms.get(k))
+        .is_some_and(|r| r.deleting > 0 || r.tombstone);
+    if fenced {
+        let resp = Response::error(503, "Room is being deleted; retry shortly");
+        return respond(conns, token, resp, false, false);
+    }
+    // Ask for the room and its history first: if the queue is full the
+    // client gets a plain 503 instead of a socket that never joins.
+    let job = joins::history_job(conn, &up, conns.cfg.history_limit);
+    if lanes.store.try_submit(job).is_err() {
+        let resp = Response::error(503, "Server is busy; retry shortly");
+        return respond(conns, token, resp, false, false);
+    }
+
+    let ws_config = conns.ws_config;
+    let rate_burst = conns.cfg.ws_rate_burst;
+    let Some(entry) = conns.get_mut(token) else {
+        return;
+    };
+    let Kind::Http(h) = &mut entry.kind else {
+        return;
+    };
+    let handshake = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n\r\n",
+        up.accept
+    );
+    h.out.push_bytes(handshake.as_bytes());
+    // Swap the HTTP state for the WebSocket state in the same slab entry.
+    let Kind::Http(h) = std::mem::replace(&mut entry.kind, Kind::Upgrading) else {
+        return;
+    };
+    let HttpConn {
+        sock, inbuf, out, ..
+    } = *h;
+    let io = WsIo { sock, out };
+    let socket = if inbuf.is_empty() {
+        WebSocket::from_raw_socket(io, Role::Server, Some(ws_config))
+    } else {
+        WebSocket::from_partially_read(io, inbuf, Role::Server, Some(ws_config))
+    };
+    let (room_key, member) = rooms.join(&up.room, token);
+    entry.kind = Kind::Ws(Box::new(WsConn::new(
+        socket,
+        room_key,
+        member,
+        &up.username,
+        rate_burst,
+    )));
+    conns.counters.http_connections -= 1;
+    conns.counters.ws_connections += 1;
+    // Frames may have arrived with the upgrade request.
+    conns.continue_later(token);
+    ws_conn::schedule_flush(conns, rooms, token);
 }

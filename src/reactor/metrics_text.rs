@@ -1,18 +1,18 @@
 //! The `GET /metrics` page: the reactor's counters and gauges, the depth of
 //! the worker queues, and the histograms the workers fill.
 //!
-//! Called by the endpoints (`crate::api`) when the reactor dispatches
+//! Called by the endpoints (`crate::api`), through `http_conn.rs`, for
 //! `GET /metrics`.
 
 use std::sync::atomic::Ordering;
 
 use super::Reactor;
+use crate::metrics::sample;
 
 impl Reactor {
     /// `GET /metrics` body.
     pub(super) fn metrics_text(&self) -> String {
-        use crate::metrics::sample;
-        let c = &self.counters;
+        let c = &self.conns.counters;
         let mut out = String::with_capacity(4096);
         sample(
             &mut out,

@@ -10,12 +10,25 @@
 //! connection sends what is queued, shuts its write side, and lingers until
 //! the peer hangs up or a deadline passes.
 //!
-//! Each pass of the loop: handle readiness events, continue connections that
-//! had more input than one turn allows, apply completions, submit one store
-//! batch per room that has waiting messages and none in flight, flush every
-//! connection that got output, and every tick check deadlines. A flush over
-//! thousands of sockets stops every couple of milliseconds to handle socket
-//! events and completions, so a message sent meanwhile need not wait for it.
+//! This file holds the [`Reactor`], its parts, and [`Reactor::run`]: the
+//! order of one pass. Each part and each concern has a file of its own, and
+//! a step that needs several parts is given them as arguments:
+//!
+//! | file | owns |
+//! |---|---|
+//! | `conns.rs` | the poll, the listener and the connection slab: accepting, dropping, writing, lingering |
+//! | `http_conn.rs` | HTTP requests in, answers out, the WebSocket upgrade |
+//! | `ws_conn.rs` | WebSocket frames in, chat messages checked, the backlog limit, closes |
+//! | `pipeline.rs` | group commit: pending messages to the store, stored batches back |
+//! | `joins.rs` | a new member's history, then live |
+//! | `fanout.rs` | a stored batch queued to every member; slow consumers; closing a room |
+//! | `completions.rs` | the worker lanes, and the one place finished work comes back |
+//! | `timers.rs` | deadlines and pings |
+//! | `shutdown.rs` | the graceful stop |
+//! | `metrics_text.rs` | the `/metrics` page |
+//!
+//! The room registry is `crate::rooms`, the endpoints `crate::api`.
+//! `docs/ARCHITECTURE.md` walks a chat message and a join through them.
 
 mod completions;
 mod conns;
@@ -34,25 +47,20 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::net::TcpListener;
-use mio::{Events, Interest, Poll, Token, Waker};
-use slab::Slab;
-use tungstenite::protocol::WebSocketConfig;
+use mio::{Events, Token, Waker};
 
 use crate::api::Api;
 use crate::auth::Tokens;
 use crate::config::Config;
-use crate::http::ResponseHeaders;
-use crate::metrics::{Counters, Shared};
+use crate::metrics::Shared;
 use crate::rooms::Rooms;
 use crate::store::Store;
-use crate::ws;
-use conns::{bind_listener, Conn, Kind, LISTENER, WAKER};
+use completions::{Completions, Lanes};
+use conns::{Conns, Kind, LISTENER, WAKER};
 use pipeline::Pipeline;
 use shutdown::Shutdown;
 
 pub use completions::{BatchOf, Outcome};
-use completions::{Completions, Lanes};
 pub use joins::RESUME_LIMIT;
 
 /// While writing to many sockets in one pass, look for finished store work
@@ -64,31 +72,24 @@ const FLUSH_CHECK_EVERY: usize = 32;
 const MID_PASS_POLL: Duration = Duration::from_millis(2);
 
 pub struct Reactor {
-    cfg: Arc<Config>,
-    poll: Poll,
-    listener: Option<TcpListener>,
-    local_addr: SocketAddr,
-    accept_paused: bool,
-    conns: Slab<Conn>,
-    next_id: u64,
+    /// The poll, the listener and every connection (`conns.rs`).
+    conns: Conns,
+    /// The active rooms: members and group-commit state (`crate::rooms`).
     rooms: Rooms,
+    /// Which rooms go to the store next, and the writes in flight
+    /// (`pipeline.rs`).
+    pipeline: Pipeline,
     /// The worker lanes, and where their results come back
     /// (`completions.rs`).
     lanes: Lanes,
     completions: Completions,
-    _waker: Arc<Waker>,
+    /// The endpoints (`crate::api`).
     api: Api,
-    headers: ResponseHeaders,
-    counters: Counters,
-    shared: Arc<Shared>,
-    ws_config: WebSocketConfig,
-    flush_list: Vec<usize>,
-    again: Vec<usize>,
-    /// Which rooms go to the store next, and the writes in flight
-    /// (`pipeline.rs`).
-    pipeline: Pipeline,
     /// Whether, and since when, the server is stopping (`shutdown.rs`).
     shutdown: Shutdown,
+    /// What the workers measure, for `/metrics`.
+    shared: Arc<Shared>,
+    /// How often deadlines are checked (`timers.rs`).
     tick: Duration,
     /// Events buffer for taking socket events in the middle of a pass.
     mid_pass_events: Option<Events>,
@@ -108,79 +109,48 @@ impl Reactor {
         let addr = cfg
             .listen_addr()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let poll = Poll::new()?;
-        let mut listener = bind_listener(addr)?;
-        let local_addr = listener.local_addr()?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (conns, waker) = Conns::bind(cfg.clone(), addr)?;
         let workers = cfg.worker_count();
         let (lanes, completions) = completions::start(workers, store, &waker)?;
-        let ping = cfg.ping_interval;
-        let tick = (ping / 4)
-            .min(cfg.http_header_timeout / 4)
-            .min(cfg.http_idle_timeout / 4)
-            .clamp(Duration::from_millis(50), Duration::from_secs(1));
-        let ws_config = ws::config(cfg.ws_max_message);
-        let headers = ResponseHeaders {
-            cors_origin: cfg.cors_origin.clone(),
-        };
-        let api = Api::new(cfg.clone(), tokens);
-        let shutdown = Shutdown::new(stop, cfg.shutdown_timeout);
-        let pipeline = Pipeline::new(&cfg, workers, shared.clone());
         let reactor = Reactor {
-            cfg,
-            poll,
-            listener: Some(listener),
-            local_addr,
-            accept_paused: false,
-            conns: Slab::with_capacity(1024),
-            next_id: 0,
             rooms: Rooms::default(),
+            pipeline: Pipeline::new(&cfg, workers, shared.clone()),
             lanes,
             completions,
-            _waker: waker.clone(),
-            api,
-            headers,
-            counters: Counters::default(),
+            api: Api::new(cfg.clone(), tokens),
+            shutdown: Shutdown::new(stop, cfg.shutdown_timeout),
             shared,
-            ws_config,
-            flush_list: Vec::new(),
-            again: Vec::new(),
-            pipeline,
-            shutdown,
-            tick,
+            tick: timers::interval(&cfg),
             mid_pass_events: Some(Events::with_capacity(1024)),
+            conns,
         };
         Ok((reactor, waker))
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.conns.local_addr()
     }
 
     /// Serve until asked to stop, then shut down gracefully.
+    ///
+    /// Each pass: handle readiness events, continue connections that had
+    /// more input than one turn allows, apply completions, submit one store
+    /// batch per room that has waiting messages and none in flight, flush
+    /// every connection that got output, and every tick check deadlines.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         let mut next_tick = Instant::now() + self.tick;
         loop {
             let now = Instant::now();
-            let timeout = if !self.again.is_empty()
-                || !self.flush_list.is_empty()
-                || self.completions.more()
-                || self.pipeline.can_submit()
-            {
-                Duration::ZERO
-            } else if self.shutdown.in_progress() {
-                Duration::from_millis(20)
-            } else {
-                next_tick.saturating_duration_since(now)
-            };
-            match self.poll.poll(&mut events, Some(timeout)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+            let timeout =
+                if self.conns.has_work() || self.completions.more() || self.pipeline.can_submit() {
+                    Duration::ZERO
+                } else if self.shutdown.in_progress() {
+                    Duration::from_millis(20)
+                } else {
+                    next_tick.saturating_duration_since(now)
+                };
+            self.conns.poll(&mut events, timeout)?;
             self.handle_events(&events);
             self.run_again();
             self.apply_completions();
@@ -189,7 +159,8 @@ impl Reactor {
 
             let now = Instant::now();
             if now >= next_tick {
-                self.on_tick(now);
+                timers::on_tick(&mut self.conns, &mut self.rooms, now);
+                self.flush_all();
                 next_tick = now + self.tick;
             }
             if self.shutdown.requested() {
@@ -208,11 +179,11 @@ impl Reactor {
     fn handle_events(&mut self, events: &Events) {
         for event in events.iter() {
             match event.token() {
-                LISTENER => self.accept(),
+                LISTENER => self.conns.accept(),
                 WAKER => {}
                 Token(t) => {
                     if event.is_writable() {
-                        self.flush(t);
+                        self.conns.flush(&mut self.rooms, t);
                     }
                     if event.is_readable() || event.is_read_closed() || event.is_error() {
                         self.on_readable(t);
@@ -222,29 +193,40 @@ impl Reactor {
         }
     }
 
-    /// Handle the socket events that are ready now, without waiting.
-    fn poll_now(&mut self) {
-        let Some(mut events) = self.mid_pass_events.take() else {
-            return; // already inside a mid-pass poll
-        };
-        if self.poll.poll(&mut events, Some(Duration::ZERO)).is_ok() {
-            self.handle_events(&events);
+    fn on_readable(&mut self, token: usize) {
+        match self.conns.kind(token) {
+            Some(Kind::Http(_)) => self.read_http(token),
+            Some(Kind::Ws(_)) => ws_conn::read(
+                &mut self.conns,
+                &mut self.rooms,
+                &mut self.pipeline,
+                self.shutdown.in_progress(),
+                token,
+            ),
+            Some(Kind::Upgrading) | None => {}
         }
-        self.mid_pass_events = Some(events);
     }
 
+    /// Connections that stopped early to let others run.
+    fn run_again(&mut self) {
+        for token in self.conns.take_again() {
+            self.on_readable(token);
+        }
+    }
+
+    /// Write every connection that got output in this pass.
+    ///
+    /// Writing to every member of a big room takes tens of milliseconds.
+    /// Every few milliseconds of it, the loop reads what clients sent
+    /// meanwhile (so new messages go to the store now, not after the pass),
+    /// and a batch the store finished is broadcast at once: the members not
+    /// written yet (still queued) take it in this same write, the others in
+    /// the next pass. Waiting for the end of the pass would cost every
+    /// message up to two passes instead of one.
     fn flush_all(&mut self) {
-        let mut list = std::mem::take(&mut self.flush_list);
+        let mut list = self.conns.take_flush_list();
         let mut last_poll = Instant::now();
         for (i, token) in list.drain(..).enumerate() {
-            // Writing to every member of a big room takes tens of
-            // milliseconds. Every few milliseconds of it, the loop reads what
-            // clients sent meanwhile (so new messages go to the store now,
-            // not after the pass), and a batch the store finished is
-            // broadcast at once: the members not written yet (still
-            // `queued`) take it in this same write, the others in the next
-            // pass. Waiting for the end of the pass would cost every message
-            // up to two passes instead of one.
             if i % FLUSH_CHECK_EVERY == FLUSH_CHECK_EVERY - 1 {
                 let now = Instant::now();
                 if now - last_poll >= MID_PASS_POLL && !self.shutdown.in_progress() {
@@ -259,33 +241,19 @@ impl Reactor {
                     self.pipeline.submit(&mut self.rooms, &self.lanes);
                 }
             }
-            // A connection dropped during the pass may have left its key to
-            // one accepted since: flush it here only if it is queued, once.
-            if let Some(c) = self.conns.get_mut(token) {
-                if c.queued {
-                    c.queued = false;
-                    self.flush(token);
-                }
-            }
+            self.conns.flush_queued(&mut self.rooms, token);
         }
-        // What was scheduled during the pass waits for the next one.
-        let newer = std::mem::replace(&mut self.flush_list, list);
-        self.flush_list.extend(newer);
+        self.conns.restore_flush_list(list);
     }
 
-    fn on_readable(&mut self, token: usize) {
-        match self.conns.get(token).map(|c| &c.kind) {
-            Some(Kind::Http(_)) => self.read_http(token),
-            Some(Kind::Ws(_)) => self.read_ws(token),
-            Some(Kind::Upgrading) | None => {}
+    /// Handle the socket events that are ready now, without waiting.
+    fn poll_now(&mut self) {
+        let Some(mut events) = self.mid_pass_events.take() else {
+            return; // already inside a mid-pass poll
+        };
+        if self.conns.poll(&mut events, Duration::ZERO).is_ok() {
+            self.handle_events(&events);
         }
-    }
-
-    /// Connections that stopped early to let others run.
-    fn run_again(&mut self) {
-        let list = std::mem::take(&mut self.again);
-        for token in list {
-            self.on_readable(token);
-        }
+        self.mid_pass_events = Some(events);
     }
 }

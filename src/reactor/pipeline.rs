@@ -12,12 +12,13 @@
 //! accepted), by the pass (submitting), and by completions (a write is done,
 //! a room is confirmed or not deleted after all).
 
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::completions::{BatchOf, Lanes, Outcome};
-use super::Reactor;
+use super::conns::Conns;
+use super::fanout::{self, Encoded};
+use super::{joins, ws_conn};
 use crate::config::Config;
 use crate::metrics::Shared;
 use crate::rooms::{ConnRef, Pending, Room, Rooms};
@@ -183,81 +184,82 @@ impl Pipeline {
             }
         }
     }
-}
 
-impl Reactor {
     /// A store write is back: one result per room, in the order of `parts`.
-    pub(super) fn batches_written(
+    pub(super) fn written(
         &mut self,
+        conns: &mut Conns,
+        rooms: &mut Rooms,
         parts: Vec<BatchOf>,
         results: Vec<StoreResult<Vec<StoredMessage>>>,
     ) {
-        self.pipeline.writes_inflight -= 1;
-        for (b, result) in parts.into_iter().zip(results) {
+        self.writes_inflight -= 1;
+        for (part, result) in parts.into_iter().zip(results) {
             if result.is_ok() {
-                let waited = b.oldest.elapsed().as_secs_f64();
-                self.pipeline.shared.commit_latency.observe(waited);
+                let waited = part.oldest.elapsed().as_secs_f64();
+                self.shared.commit_latency.observe(waited);
             }
-            self.batch_done(b.room_key, b.room_id, b.senders, result);
+            self.batch_done(conns, rooms, part, result);
         }
     }
 
+    /// One room's batch is back: send it to the room (or tell its senders it
+    /// was not stored), answer the joins that waited for it, and list the
+    /// room again if more messages wait.
     fn batch_done(
         &mut self,
-        room_key: usize,
-        room_id: u64,
-        senders: Vec<ConnRef>,
+        conns: &mut Conns,
+        rooms: &mut Rooms,
+        part: BatchOf,
         result: StoreResult<Vec<StoredMessage>>,
     ) {
-        let Some(room) = self.rooms.get_live(room_key, room_id) else {
+        let room_key = part.room_key;
+        let Some(room) = rooms.get_live(room_key, part.room_id) else {
             return; // the room was deleted meanwhile; its members are closed
         };
         room.inflight = false;
         if room.tombstone {
             // Deleted while this batch was written: nobody is told, and the
             // name is free again.
-            return self.rooms.drop_if_idle(room_key);
+            return rooms.drop_if_idle(room_key);
         }
         match result {
             Ok(stored) => {
-                self.counters.messages_stored += stored.len() as u64;
-                let mut slow = Vec::new();
-                let mut bytes = Vec::new();
-                let mut ends = Vec::with_capacity(stored.len());
-                let mut seqs = Vec::with_capacity(stored.len());
-                for m in &stored {
-                    ws::message_frame_into(&mut bytes, m);
-                    ends.push(bytes.len());
-                    seqs.push(m.seq);
-                }
-                let chunk: Rc<[u8]> = Rc::from(bytes);
-                self.broadcast(room_key, &seqs, &chunk, &ends, &mut slow);
-                self.close_slow(&mut slow);
+                conns.counters.messages_stored += stored.len() as u64;
+                fanout::deliver(conns, rooms, room_key, &Encoded::new(&stored));
             }
             Err(StoreError::NoSuchRoom) => {
                 log::info!("room vanished from the store; closing its members");
-                return self.close_room(room_key, close::ROOM_DELETED, "room deleted");
+                return fanout::close_room(
+                    conns,
+                    rooms,
+                    room_key,
+                    close::ROOM_DELETED,
+                    "room deleted",
+                );
             }
             Err(e) => {
-                log::warn!("batch of {} not stored: {e}", senders.len());
-                self.tell_not_stored(
-                    senders,
+                log::warn!("batch of {} not stored: {e}", part.senders.len());
+                ws_conn::tell_not_stored(
+                    conns,
+                    rooms,
+                    part.senders,
                     "message not stored: the store is unavailable; try again",
                 );
             }
         }
         let mut deferred = Vec::new();
         let mut name = None;
-        if let Some(room) = self.rooms.get_mut(room_key) {
-            self.pipeline.queue_room(room_key, room);
+        if let Some(room) = rooms.get_mut(room_key) {
+            self.queue_room(room_key, room);
             deferred = std::mem::take(&mut room.deferred_joins);
             name = Some(room.name.clone());
         }
         if let Some(name) = name {
             for j in deferred {
-                self.joined(j.conn, &name, j.since, j.result);
+                joins::joined(conns, rooms, self, j.conn, &name, j.since, j.result);
             }
         }
-        self.rooms.drop_if_idle(room_key);
+        rooms.drop_if_idle(room_key);
     }
 }

@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::conns::Kind;
-use super::Reactor;
+use super::conns::{Conns, Kind};
+use super::http_conn::respond;
+use super::{ws_conn, Reactor};
 use crate::http::Response;
-use crate::rooms::ConnRef;
+use crate::rooms::{ConnRef, Rooms};
 use crate::ws::close;
 
 /// The part of `SHUTDOWN_TIMEOUT` kept for idle worker threads to notice
@@ -71,56 +72,13 @@ impl Reactor {
             self.conns.len(),
             self.rooms.len()
         );
-        if let Some(mut l) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut l);
-        }
+        self.conns.stop_accepting();
         self.shutdown.progress = Some(Progress {
             started: Instant::now(),
             closing_sent: false,
         });
-        // Idle HTTP connections go now; busy ones after their answer. One
-        // whose request has only partly arrived is answered 503 now rather
-        // than waited for.
-        let idle: Vec<usize> = self
-            .conns
-            .iter()
-            .filter_map(|(t, c)| match &c.kind {
-                Kind::Http(h) if h.awaiting.is_none() => Some(t),
-                _ => None,
-            })
-            .collect();
-        for token in idle {
-            let Some(h) = self.http_mut(token) else {
-                continue;
-            };
-            if h.inbuf.is_empty() || h.closing || h.lingering {
-                h.closing = true;
-                self.schedule_flush(token);
-            } else {
-                let mut resp = Response::error(503, "Server is shutting down");
-                resp.close = true;
-                self.respond(token, resp, false, false);
-            }
-        }
+        close_idle_http(&mut self.conns);
         self.flush_all();
-    }
-
-    /// Half-way through the shutdown timeout: the messages not yet handed
-    /// to the store are dropped, and their senders told so before the 1001
-    /// close. A batch already being written is not: it is stored if its
-    /// write finishes before the process exits (then it is in the history
-    /// for a reconnect with `since`), and lost if it does not.
-    fn refuse_pending(&mut self) {
-        let mut senders: Vec<ConnRef> = Vec::new();
-        for key in self.rooms.keys() {
-            if let Some(room) = self.rooms.get_mut(key) {
-                senders.extend(room.pending.drain(..).map(|p| p.sender));
-            }
-        }
-        if !senders.is_empty() {
-            log::warn!("shutdown: {} messages not stored", senders.len());
-        }
-        self.tell_not_stored(senders, "message not stored: the server is shutting down");
     }
 
     /// Drive the shutdown; true when the loop may end.
@@ -137,33 +95,32 @@ impl Reactor {
             }
             if self.rooms.has_unstored() {
                 log::warn!("shutdown: some messages were still being stored");
-                self.refuse_pending();
+                refuse_pending(&mut self.conns, &mut self.rooms);
             }
             if let Some(p) = &mut self.shutdown.progress {
                 p.closing_sent = true;
             }
-            let ws: Vec<usize> = self
-                .conns
-                .iter()
-                .filter(|(_, c)| matches!(c.kind, Kind::Ws(_)))
-                .map(|(t, _)| t)
-                .collect();
+            let ws = self.conns.tokens_where(|k| matches!(k, Kind::Ws(_)));
             for token in ws {
-                self.ws_close(token, close::GOING_AWAY, "server shutting down", false);
+                ws_conn::send_close(
+                    &mut self.conns,
+                    &mut self.rooms,
+                    token,
+                    close::GOING_AWAY,
+                    "server shutting down",
+                    false,
+                );
             }
             self.flush_all();
             return false;
         }
         // HTTP connections that have had their answer and the server's FIN
         // are only waiting for the client to close; at shutdown, don't.
-        let answered: Vec<usize> = self
+        let answered = self
             .conns
-            .iter()
-            .filter(|(_, c)| matches!(&c.kind, Kind::Http(h) if h.lingering))
-            .map(|(t, _)| t)
-            .collect();
+            .tokens_where(|k| matches!(k, Kind::Http(h) if h.lingering));
         for token in answered {
-            self.drop_conn(token);
+            self.conns.drop(&mut self.rooms, token);
         }
         if self.conns.is_empty() {
             return true;
@@ -178,4 +135,47 @@ impl Reactor {
         }
         false
     }
+}
+
+/// Idle HTTP connections go now; busy ones after their answer. One whose
+/// request has only partly arrived is answered 503 now rather than waited
+/// for.
+fn close_idle_http(conns: &mut Conns) {
+    let idle = conns.tokens_where(|k| matches!(k, Kind::Http(h) if h.awaiting.is_none()));
+    for token in idle {
+        let Some(h) = conns.http_mut(token) else {
+            continue;
+        };
+        if h.inbuf.is_empty() || h.closing || h.lingering {
+            h.closing = true;
+            conns.schedule_flush(token);
+        } else {
+            let mut resp = Response::error(503, "Server is shutting down");
+            resp.close = true;
+            respond(conns, token, resp, false, false);
+        }
+    }
+}
+
+/// Half-way through the shutdown timeout: the messages not yet handed
+/// to the store are dropped, and their senders told so before the 1001
+/// close. A batch already being written is not: it is stored if its
+/// write finishes before the process exits (then it is in the history
+/// for a reconnect with `since`), and lost if it does not.
+fn refuse_pending(conns: &mut Conns, rooms: &mut Rooms) {
+    let mut senders: Vec<ConnRef> = Vec::new();
+    for key in rooms.keys() {
+        if let Some(room) = rooms.get_mut(key) {
+            senders.extend(room.pending.drain(..).map(|p| p.sender));
+        }
+    }
+    if !senders.is_empty() {
+        log::warn!("shutdown: {} messages not stored", senders.len());
+    }
+    ws_conn::tell_not_stored(
+        conns,
+        rooms,
+        senders,
+        "message not stored: the server is shutting down",
+    );
 }
