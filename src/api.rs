@@ -4,21 +4,51 @@
 //! check the request, then either answer at once or return a job for a worker
 //! lane (bcrypt on the hashing lane, everything else that touches the store on
 //! the store lane). See `docs/API.md` for the contract they implement.
+//!
+//! `Api` holds what the handlers read (the configuration and the token
+//! keys) and nothing of the reactor's own state: the reactor hands each
+//! parsed request to `Api::route` and carries out the `Action` it returns.
+
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
 use crate::auth::{self, Tokens};
-use crate::config::AuthMode;
+use crate::config::{AuthMode, Config};
 use crate::http::{percent_decode, query_decodes, Request, Response};
-use crate::reactor::{room_json, store_error_response, Action, Outcome, Reactor, Upgrade};
+use crate::reactor::Outcome;
 use crate::rooms::ConnRef;
-use crate::store::{DeleteOutcome, Room, Store, StoreError};
+use crate::store::{DeleteOutcome, Room, Store, StoreError, StoreResult};
 use crate::workers::Job;
 use crate::ws::{self, WireMessage};
 
 /// Largest page of `GET /rooms/{name}/messages`.
 pub const MAX_PAGE: usize = 200;
 const DEFAULT_PAGE: usize = 50;
+
+/// What a request handler decided.
+pub(crate) enum Action {
+    Reply(Response),
+    /// Password hashing (and the store calls around it): the hashing lane.
+    Hash(Job<Outcome>),
+    /// Store calls: the store lane.
+    Store(Job<Outcome>),
+    /// Deleting `room`: the store lane, with the room's live entry fenced
+    /// until the outcome is back (see `rooms::Room::deleting`).
+    Delete {
+        room: String,
+        job: Job<Outcome>,
+    },
+    Upgrade(Upgrade),
+}
+
+/// A WebSocket upgrade that passed every check.
+pub(crate) struct Upgrade {
+    pub room: String,
+    pub username: String,
+    pub since: Option<i64>,
+    pub accept: String,
+}
 
 type Answer = Result<Action, Response>;
 
@@ -84,15 +114,33 @@ fn claimed_name_problem(name: &str) -> Option<&'static str> {
     None
 }
 
-impl Reactor {
-    pub(crate) fn route(&mut self, conn: ConnRef, req: &Request) -> Action {
-        match self.route_inner(conn, req) {
+/// The endpoints and what they read.
+pub(crate) struct Api {
+    cfg: Arc<Config>,
+    tokens: Tokens,
+}
+
+impl Api {
+    pub(crate) fn new(cfg: Arc<Config>, tokens: Tokens) -> Api {
+        Api { cfg, tokens }
+    }
+
+    /// Decide what to do with a request of connection `conn`. `metrics`
+    /// renders the `/metrics` page (the only answer that reads the
+    /// reactor's state).
+    pub(crate) fn route(
+        &self,
+        conn: ConnRef,
+        req: &Request,
+        metrics: &dyn Fn() -> String,
+    ) -> Action {
+        match self.route_inner(conn, req, metrics) {
             Ok(action) => action,
             Err(resp) => Action::Reply(resp),
         }
     }
 
-    fn route_inner(&mut self, conn: ConnRef, req: &Request) -> Answer {
+    fn route_inner(&self, conn: ConnRef, req: &Request, metrics: &dyn Fn() -> String) -> Answer {
         let method = req.method.as_str();
         let path = req.path.as_str();
         if !query_decodes(&req.query) {
@@ -152,7 +200,7 @@ impl Reactor {
                 Ok(Action::Reply(Response::text(
                     200,
                     "text/plain; version=0.0.4; charset=utf-8",
-                    self.metrics_text(),
+                    metrics(),
                 )))
             }
             "/ws" => {
@@ -203,7 +251,7 @@ impl Reactor {
         }
     }
 
-    fn register(&mut self, conn: ConnRef, req: &Request) -> Answer {
+    fn register(&self, conn: ConnRef, req: &Request) -> Answer {
         let (username, password) = credentials(req)?;
         if let Some(why) = auth::username_problem(&username) {
             return Err(Response::error(400, why));
@@ -240,7 +288,7 @@ impl Reactor {
         })))
     }
 
-    fn login(&mut self, conn: ConnRef, req: &Request) -> Answer {
+    fn login(&self, conn: ConnRef, req: &Request) -> Answer {
         let (username, password) = credentials(req)?;
         // bcrypt reads 72 bytes and ignores the rest, so a longer password
         // would log in as its first 72 bytes; no account has one (register
@@ -305,7 +353,7 @@ impl Reactor {
         })))
     }
 
-    fn create_room(&mut self, conn: ConnRef, req: &Request) -> Answer {
+    fn create_room(&self, conn: ConnRef, req: &Request) -> Answer {
         let body = json_body(req)?;
         let name = str_field(&body, "name")?;
         let claimed = str_field(&body, "username")?;
@@ -334,7 +382,7 @@ impl Reactor {
         })))
     }
 
-    fn delete_room(&mut self, conn: ConnRef, req: &Request) -> Answer {
+    fn delete_room(&self, conn: ConnRef, req: &Request) -> Answer {
         let name = req.query_param("name").filter(|n| !n.is_empty());
         let claimed = req.query_param("username").filter(|n| !n.is_empty());
         let requester = self.identity(req, claimed.as_deref())?;
@@ -365,7 +413,7 @@ impl Reactor {
         Ok(Action::Delete { room, job })
     }
 
-    fn room_messages(&mut self, conn: ConnRef, req: &Request, encoded: &str) -> Answer {
+    fn room_messages(&self, conn: ConnRef, req: &Request, encoded: &str) -> Answer {
         let Some(name) = percent_decode(encoded, false) else {
             return Err(Response::error(
                 400,
@@ -411,7 +459,7 @@ impl Reactor {
         })))
     }
 
-    fn ws_upgrade(&mut self, req: &Request, encoded: &str) -> Answer {
+    fn ws_upgrade(&self, req: &Request, encoded: &str) -> Answer {
         if encoded.is_empty() {
             return Err(Response::error(
                 400,
@@ -462,5 +510,58 @@ impl Reactor {
             since,
             accept: ws::accept_key(key),
         }))
+    }
+}
+
+/// A room as clients see it (the seed's fields, in the seed's order).
+#[derive(serde::Serialize)]
+pub(crate) struct RoomOut<'a> {
+    name: &'a str,
+    creator: &'a str,
+    created_at: String,
+    /// Live WebSocket members in this process (room list only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    members: Option<usize>,
+}
+
+pub(crate) fn room_json(r: &Room) -> RoomOut<'_> {
+    RoomOut {
+        name: &r.name,
+        creator: &r.creator,
+        created_at: ws::rfc3339_seconds(r.created_at),
+        members: None,
+    }
+}
+
+/// The answer to `GET /rooms`: the stored rooms, each with its live member
+/// count (`members`, from the reactor's room registry).
+pub(crate) fn room_list(
+    result: StoreResult<Vec<Room>>,
+    members: impl Fn(&str) -> usize,
+) -> Response {
+    match result {
+        Ok(rooms) => {
+            let list: Vec<RoomOut<'_>> = rooms
+                .iter()
+                .map(|r| RoomOut {
+                    members: Some(members(&r.name)),
+                    ..room_json(r)
+                })
+                .collect();
+            Response::json(200, &list)
+        }
+        Err(e) => store_error_response(&e),
+    }
+}
+
+/// The HTTP answer for a failed store call.
+pub(crate) fn store_error_response(e: &StoreError) -> Response {
+    match e {
+        StoreError::Conflict => Response::error(409, "Already exists"),
+        StoreError::NoSuchRoom => Response::error(404, "Room not found"),
+        StoreError::Unavailable(why) => {
+            log::warn!("store unavailable: {why}");
+            Response::error(503, "Storage is unavailable; try again shortly")
+        }
     }
 }
