@@ -21,7 +21,7 @@ const STUCK_HASHING: &[(&str, &str)] = &[("WORKERS", "1"), ("BCRYPT_COST", "31")
 const HASH_QUEUE: &str = "chatconnect_worker_queue_depth{lane=\"hash\"}";
 
 /// Jobs a worker lane holds before answering 503 (`QUEUE_CAPACITY` in
-/// src/reactor.rs; not a setting).
+/// src/reactor/completions.rs; not a setting).
 const QUEUE_CAPACITY: usize = 4096;
 
 /// A raw `POST /register` for `name`.

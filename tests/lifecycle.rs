@@ -38,6 +38,7 @@ fn invalid_configuration_fails_fast_with_a_message() {
         ("PING_INTERVAL", "soon"),
         ("PING_INTERVAL", "0"),
         ("HTTP_HEADER_TIMEOUT", "600000000000s"),
+        ("HTTP_IDLE_TIMEOUT", "0"),
         ("TOKEN_TTL", "18446744073709551615s"),
         ("TOKEN_TTL", "0s"),
     ] {
@@ -75,10 +76,11 @@ fn open_mode_logs_a_warning() {
     let deadline = Instant::now() + WAIT;
     loop {
         let log = s.log_text();
-        if log
-            .lines()
-            .any(|l| l.contains("WARN") && l.to_lowercase().contains("open"))
-        {
+        if log.lines().any(|l| {
+            l.contains("WARN")
+                && l.contains("AUTH_MODE=open")
+                && l.contains("choose their own username")
+        }) {
             break;
         }
         assert!(

@@ -211,12 +211,15 @@ pub fn assert_complete(macro_list: &[&str]) {
     );
 }
 
-/// The names of the `pub fn`s of this file whose one parameter is a
-/// `&dyn Store`: the checks.
+/// The names of the functions of this file (`pub` or not) whose one
+/// parameter is a `&dyn Store`: the checks.
 fn declared_checks() -> Vec<&'static str> {
     include_str!("store_suite.rs")
-        .split("\npub fn ")
-        .skip(1)
+        .split('\n')
+        .filter_map(|line| {
+            line.strip_prefix("pub fn ")
+                .or_else(|| line.strip_prefix("fn "))
+        })
         .filter_map(|rest| {
             let (name, after) = rest.split_once('(')?;
             let params: Vec<&str> = after
