@@ -116,19 +116,7 @@ pub fn metric(s: &Server, sample: &str) -> f64 {
 
 /// Wait until the sample reads `want`; panics with the last value after [`WAIT`].
 pub fn wait_metric(s: &Server, sample: &str, want: f64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let got = metric(s, sample);
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{sample} is {got}, expected {want}\n--- server log ---\n{}",
-            s.log_text()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    s.await_metric(sample, &format!("expected {want}"), |got| got == want);
 }
 
 const REQUESTS: &str = "chatconnect_http_requests_total";
