@@ -80,6 +80,21 @@ pub struct Config {
     #[arg(long, env = "HISTORY_LIMIT", default_value_t = 50)]
     pub history_limit: usize,
 
+    /// Memory for the recent history of active rooms, kept so joins need no
+    /// store read (0 turns the cache off)
+    #[arg(long, env = "HISTORY_CACHE", default_value = "32MiB", value_parser = parse_size)]
+    pub history_cache: usize,
+
+    /// Threads for store reads and REST store calls (default: WORKERS on
+    /// SQLite, 16 on MongoDB)
+    #[arg(long, env = "STORE_THREADS", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub store_threads: Option<u32>,
+
+    /// Threads writing chat messages, each one write in flight (default:
+    /// WORKERS on SQLite, 4 on MongoDB)
+    #[arg(long, env = "STORE_WRITERS", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub store_writers: Option<u32>,
+
     /// Longest message content, in characters
     #[arg(long, env = "MAX_MESSAGE_CHARS", default_value_t = 4000)]
     pub max_message_chars: usize,
@@ -149,6 +164,9 @@ pub const VARIABLES: &[&str] = &[
     "BCRYPT_COST",
     "WORKERS",
     "HISTORY_LIMIT",
+    "HISTORY_CACHE",
+    "STORE_THREADS",
+    "STORE_WRITERS",
     "MAX_MESSAGE_CHARS",
     "CORS_ORIGIN",
     "WS_RATE_LIMIT",
@@ -192,6 +210,26 @@ impl Config {
                 .map(|n| n.get())
                 .unwrap_or(2)
                 .max(2),
+        }
+    }
+
+    /// Threads of the store lane (reads and REST calls). A network database
+    /// spends most of a call waiting for the reply, so MongoDB gets many
+    /// whatever the core count; SQLite works on this machine's cores.
+    pub fn store_threads(&self) -> usize {
+        match (self.store_threads, &self.mongo_uri) {
+            (Some(n), _) => n as usize,
+            (None, Some(_)) => 16,
+            (None, None) => self.worker_count(),
+        }
+    }
+
+    /// Threads of the write lane (chat messages), one write in flight each.
+    pub fn store_writers(&self) -> usize {
+        match (self.store_writers, &self.mongo_uri) {
+            (Some(n), _) => n as usize,
+            (None, Some(_)) => 4,
+            (None, None) => self.worker_count(),
         }
     }
 

@@ -3,16 +3,19 @@
 //! `main.rs` only reads the configuration and calls [`serve`]. The modules, in
 //! the order a request meets them: [`reactor`] (the event loop), [`http`]
 //! (parsing and responses), [`api`] (the endpoints), [`ws`] and [`rooms`]
-//! (WebSocket connections and the live room registry), [`workers`] (the
-//! threads that do blocking work), [`store`] (persistence), plus [`config`],
-//! [`auth`], [`metrics`] and [`outbuf`].
+//! (WebSocket connections and the live room registry), [`history`] (recent
+//! history in memory) and [`presence`] (whether other processes write the
+//! same database), [`workers`] (the threads that do blocking work), [`store`]
+//! (persistence), plus [`config`], [`auth`], [`metrics`] and [`outbuf`].
 
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod outbuf;
+pub mod presence;
 pub mod reactor;
 pub mod rooms;
 pub mod store;
@@ -56,10 +59,17 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         );
     }
 
+    // Other processes on the same database: the history cache trusts itself
+    // only while there are none (`presence`).
+    let presence = presence::Presence::new();
+    let announcing = presence::start(presence.clone(), store.clone())
+        .map_err(|e| format!("cannot start the presence thread: {e}"))?;
+
     let stop = Arc::new(AtomicBool::new(false));
-    let workers = cfg.worker_count();
-    let (reactor, waker) = reactor::Reactor::new(cfg, store, shared, tokens, stop.clone())
-        .map_err(|e| format!("cannot listen: {e}"))?;
+    let lanes = (cfg.worker_count(), cfg.store_threads(), cfg.store_writers());
+    let (reactor, waker) =
+        reactor::Reactor::new(cfg, store, shared, tokens, presence.clone(), stop.clone())
+            .map_err(|e| format!("cannot listen: {e}"))?;
 
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -81,11 +91,23 @@ pub fn serve(cfg: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot start the signal thread: {e}"))?;
 
     log::info!(
-        "chatserver listening on {} ({} workers per lane)",
+        "chatserver listening on {} ({} hash, {} store, {} write threads)",
         reactor.local_addr(),
-        workers
+        lanes.0,
+        lanes.1,
+        lanes.2
     );
-    reactor.run().map_err(|e| format!("event loop failed: {e}"))
+    let result = reactor.run().map_err(|e| format!("event loop failed: {e}"));
+    // Withdraw from the database, so other processes trust their caches
+    // again at once.
+    // Not waited for past a second: a round may be stuck on an unreachable
+    // database, and the process is ending anyway.
+    presence.stop();
+    let waited = std::time::Instant::now();
+    while !announcing.is_finished() && waited.elapsed() < std::time::Duration::from_secs(1) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    result
 }
 
 /// Every socket is a file descriptor, and many shells and service managers

@@ -167,6 +167,16 @@ impl Store for TimedStore {
         self.shared.batch_size.observe(batch.len() as f64);
         self.timed(|s| s.append_messages(room, batch))
     }
+    // Presence rounds are not chat work: they are not timed.
+    fn announce(&self, me: &str, beat: i64) -> StoreResult<Vec<(String, i64)>> {
+        self.inner.announce(me, beat)
+    }
+    fn withdraw(&self, id: &str) -> StoreResult<()> {
+        self.inner.withdraw(id)
+    }
+    fn connection_losses(&self) -> u64 {
+        self.inner.connection_losses()
+    }
     fn append_many(&self, batches: &[RoomBatch]) -> Vec<StoreResult<Vec<StoredMessage>>> {
         let messages: usize = batches.iter().map(|b| b.messages.len()).sum();
         self.shared.batch_size.observe(messages as f64);

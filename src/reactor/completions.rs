@@ -5,7 +5,7 @@
 //! the loop. [`Reactor::apply_completions`] takes them, a bounded number per
 //! pass, and `apply` hands each to the step that owns it: an HTTP answer to
 //! `http_conn.rs`, a history to `joins.rs`, a store write to `pipeline.rs`,
-//! a deleted room to `fanout.rs`. A second source of finished work (such as
+//! a deleted room to `fanout.rs` (and the history cache forgets it). A second source of finished work (such as
 //! a broker relaying the batches other instances stored) is one more sender
 //! on that channel and one more arm of `Outcome` and of `apply`, not a new
 //! path.
@@ -46,7 +46,14 @@ pub enum Outcome {
         resp: Response,
         deleted: bool,
     },
-    /// A joining WebSocket's room exists and here is its history.
+    /// A room's history read (`joins.rs`): the room exists in the store
+    /// and here are its newest messages.
+    Loaded {
+        room_key: usize,
+        room_id: u64,
+        result: StoreResult<Vec<StoredMessage>>,
+    },
+    /// One member's resume read: the messages after its `since`.
     Joined {
         conn: ConnRef,
         room: String,
@@ -71,11 +78,20 @@ pub struct BatchOf {
 }
 
 /// The worker lanes: password hashing (slow on purpose, at a lower
-/// priority) and the store, so that a login storm never delays a chat
-/// message waiting to be stored.
+/// priority), store reads and REST calls, and chat message writes, so that
+/// neither a login storm nor a join storm ever delays a chat message waiting
+/// to be stored.
 pub(super) struct Lanes {
     pub(super) hash: Pool<Outcome>,
     pub(super) store: Pool<Outcome>,
+    pub(super) write: Pool<Outcome>,
+}
+
+/// How many threads each lane has.
+pub(super) struct LaneSizes {
+    pub(super) hash: usize,
+    pub(super) store: usize,
+    pub(super) write: usize,
 }
 
 /// The receiving end of the workers' results.
@@ -85,26 +101,35 @@ pub(super) struct Completions {
     more: bool,
 }
 
-/// Start both lanes with `workers` threads each; they send their results
-/// to the returned [`Completions`] and wake the loop with `waker`.
+/// Start the lanes; they send their results to the returned
+/// [`Completions`] and wake the loop with `waker`.
 pub(super) fn start(
-    workers: usize,
+    sizes: &LaneSizes,
     store: Arc<dyn Store>,
     waker: &Arc<Waker>,
 ) -> io::Result<(Lanes, Completions)> {
     let (done_tx, done_rx) = crossbeam_channel::unbounded();
     let hash = Pool::new(
         "hash",
-        workers,
+        sizes.hash,
         QUEUE_CAPACITY,
         5,
         store.clone(),
         done_tx.clone(),
         waker.clone(),
     )?;
+    let write = Pool::new(
+        "write",
+        sizes.write,
+        QUEUE_CAPACITY,
+        0,
+        store.clone(),
+        done_tx.clone(),
+        waker.clone(),
+    )?;
     let store = Pool::new(
         "store",
-        workers,
+        sizes.store,
         QUEUE_CAPACITY,
         0,
         store,
@@ -115,7 +140,7 @@ pub(super) fn start(
         done: done_rx,
         more: false,
     };
-    Ok((Lanes { hash, store }, completions))
+    Ok((Lanes { hash, store, write }, completions))
 }
 
 impl Lanes {
@@ -124,10 +149,16 @@ impl Lanes {
         self.store.depth() >= QUEUE_CAPACITY
     }
 
+    /// The write lane takes no more jobs now.
+    pub(super) fn write_full(&self) -> bool {
+        self.write.depth() >= QUEUE_CAPACITY
+    }
+
     /// Let the threads finish, waiting no later than `deadline`.
     pub(super) fn shutdown(self, deadline: Instant) {
         self.hash.shutdown(deadline);
         self.store.shutdown(deadline);
+        self.write.shutdown(deadline);
     }
 }
 
@@ -172,6 +203,9 @@ impl Reactor {
                 resp,
                 deleted,
             } => {
+                if deleted {
+                    self.joins.forget(&room);
+                }
                 if let Some(key) = self.rooms.end_delete(&room) {
                     if deleted {
                         fanout::close_room(
@@ -190,24 +224,46 @@ impl Reactor {
                 }
                 self.complete_http(conn, resp);
             }
+            Outcome::Loaded {
+                room_key,
+                room_id,
+                result,
+            } => {
+                self.joins.read_done();
+                joins::loaded(
+                    &mut self.conns,
+                    &mut self.rooms,
+                    &mut self.pipeline,
+                    &mut self.joins,
+                    room_key,
+                    room_id,
+                    result,
+                )
+            }
             Outcome::Joined {
                 conn,
                 room,
                 since,
                 result,
-            } => joins::history_read(
+            } => {
+                self.joins.read_done();
+                joins::history_read(
+                    &mut self.conns,
+                    &mut self.rooms,
+                    &mut self.pipeline,
+                    conn,
+                    room,
+                    since,
+                    result,
+                )
+            }
+            Outcome::Batches { rooms, results } => self.pipeline.written(
                 &mut self.conns,
                 &mut self.rooms,
-                &mut self.pipeline,
-                conn,
-                room,
-                since,
-                result,
+                &mut self.joins,
+                rooms,
+                results,
             ),
-            Outcome::Batches { rooms, results } => {
-                self.pipeline
-                    .written(&mut self.conns, &mut self.rooms, rooms, results)
-            }
         }
     }
 }

@@ -39,6 +39,13 @@ impl Encoded {
         }
     }
 
+    /// Each message as a frame of its own, for the recent history.
+    pub(super) fn frames(&self) -> Vec<crate::history::Frame> {
+        (0..self.seqs.len())
+            .map(|i| (self.seqs[i], Rc::from(self.frame(i))))
+            .collect()
+    }
+
     fn frame(&self, i: usize) -> &[u8] {
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
         &self.chunk[start..self.ends[i]]

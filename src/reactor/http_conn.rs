@@ -15,10 +15,11 @@ use mio::net::TcpStream;
 use tungstenite::protocol::Role;
 use tungstenite::WebSocket;
 
-use super::completions::Lanes;
 use super::conns::{Conns, Kind, LINGER, READ_CHUNK, TURN_BUDGET};
+use super::joins::{self, Joins};
+use super::pipeline::Pipeline;
 use super::ws_conn::{self, WsConn};
-use super::{joins, Reactor};
+use super::Reactor;
 use crate::api::{Action, Upgrade};
 use crate::http::{self, Parsed, Request, Response};
 use crate::outbuf::OutBuf;
@@ -174,7 +175,14 @@ impl Reactor {
                 return respond(&mut self.conns, token, resp, keep_alive, head_only)
             }
             Action::Upgrade(up) => {
-                return upgrade(&mut self.conns, &mut self.rooms, &self.lanes, token, up)
+                return upgrade(
+                    &mut self.conns,
+                    &mut self.rooms,
+                    &mut self.pipeline,
+                    &mut self.joins,
+                    token,
+                    up,
+                )
             }
             Action::Hash(job) => (&self.lanes.hash, job, None),
             Action::Store(job) => (&self.lanes.store, job, None),
@@ -282,10 +290,18 @@ pub(super) fn respond(
     conns.schedule_flush(token);
 }
 
-/// A WebSocket upgrade that passed the endpoint's checks: ask a worker for
-/// the room and its history, answer 101, and turn the connection into a
-/// member of its room, *joining* until the history is back (`joins.rs`).
-fn upgrade(conns: &mut Conns, rooms: &mut Rooms, lanes: &Lanes, token: usize, up: Upgrade) {
+/// A WebSocket upgrade that passed the endpoint's checks: answer 101, turn
+/// the connection into a member of its room, *joining* until its history is
+/// out, and ask for the history (`joins.rs`: from memory, or a store read
+/// that waits in the reactor, so a join is never refused for a busy store).
+fn upgrade(
+    conns: &mut Conns,
+    rooms: &mut Rooms,
+    pipeline: &mut Pipeline,
+    joins: &mut Joins,
+    token: usize,
+    up: Upgrade,
+) {
     let Some(conn) = conns.conn_ref(token) else {
         return;
     };
@@ -297,14 +313,6 @@ fn upgrade(conns: &mut Conns, rooms: &mut Rooms, lanes: &Lanes, token: usize, up
         let resp = Response::error(503, "Room is being deleted; retry shortly");
         return respond(conns, token, resp, false, false);
     }
-    // Ask for the room and its history first: if the queue is full the
-    // client gets a plain 503 instead of a socket that never joins.
-    let job = joins::history_job(conn, &up, conns.cfg.history_limit);
-    if lanes.store.try_submit(job).is_err() {
-        let resp = Response::error(503, "Server is busy; retry shortly");
-        return respond(conns, token, resp, false, false);
-    }
-
     let ws_config = conns.ws_config;
     let rate_burst = conns.cfg.ws_rate_burst;
     let Some(entry) = conns.get_mut(token) else {
@@ -342,6 +350,7 @@ fn upgrade(conns: &mut Conns, rooms: &mut Rooms, lanes: &Lanes, token: usize, up
     )));
     conns.counters.http_connections -= 1;
     conns.counters.ws_connections += 1;
+    joins::begin(conns, rooms, pipeline, joins, conn, &up);
     // Frames may have arrived with the upgrade request.
     conns.continue_later(token);
     ws_conn::schedule_flush(conns, rooms, token);

@@ -90,11 +90,14 @@ impl Reactor {
                 "# HELP chatconnect_worker_queue_depth Jobs waiting for a worker, by lane.\n\
                  # TYPE chatconnect_worker_queue_depth gauge\n\
                  chatconnect_worker_queue_depth{{lane=\"hash\"}} {}\n\
-                 chatconnect_worker_queue_depth{{lane=\"store\"}} {}\n",
+                 chatconnect_worker_queue_depth{{lane=\"store\"}} {}\n\
+                 chatconnect_worker_queue_depth{{lane=\"write\"}} {}\n",
                 self.lanes.hash.depth(),
-                self.lanes.store.depth()
+                self.lanes.store.depth(),
+                self.lanes.write.depth()
             ),
         );
+        self.history_metrics(&mut out);
         self.shared.store_latency.render(
             &mut out,
             "chatconnect_store_call_seconds",
@@ -118,5 +121,31 @@ impl Reactor {
             "Messages per store write (one transaction on SQLite), over all its rooms.",
         );
         out
+    }
+
+    /// The history cache, the joins' store reads, and the other processes
+    /// sharing the database.
+    fn history_metrics(&self, out: &mut String) {
+        let cache = self.joins.cache_stats();
+        let joins = self.joins.stats();
+        let lookups = cache.hits + cache.misses;
+        let rows: [(&str, &str, &str, String); 13] = [
+            ("chatconnect_history_cache_bytes", "gauge", "Bytes of recent history held in memory.", cache.bytes.to_string()),
+            ("chatconnect_history_cache_budget_bytes", "gauge", "HISTORY_CACHE: the most the history cache may hold.", cache.budget.to_string()),
+            ("chatconnect_history_cache_rooms", "gauge", "Rooms whose recent history is in memory.", cache.rooms.to_string()),
+            ("chatconnect_history_cache_hits_total", "counter", "Joins answered from memory.", cache.hits.to_string()),
+            ("chatconnect_history_cache_misses_total", "counter", "Joins the cache could not answer (not cached, not trusted, or resuming from before it).", cache.misses.to_string()),
+            ("chatconnect_history_cache_hit_ratio", "gauge", "Hits over all lookups since start (0 before any).", format!("{:.4}", if lookups == 0 { 0.0 } else { cache.hits as f64 / lookups as f64 })),
+            ("chatconnect_history_cache_evictions_total", "counter", "Rooms dropped from the cache to stay within its budget.", cache.evictions.to_string()),
+            ("chatconnect_history_cache_invalidations_total", "counter", "Cached rooms dropped as possibly stale (another writer, or a gap in seq).", cache.invalidations.to_string()),
+            ("chatconnect_history_reads_total", "counter", "Store reads for joins: one per room being loaded, one per resume older than the cache.", (joins.room_reads + joins.resume_reads).to_string()),
+            ("chatconnect_joins_shared_total", "counter", "Joins answered without a store read of their own (cache, or a read already under way).", joins.shared_reads.to_string()),
+            ("chatconnect_history_reads_waiting", "gauge", "Join reads waiting for the store lane.", joins.reads_waiting.to_string()),
+            ("chatconnect_store_peers", "gauge", "Other server processes announced on this database.", self.joins.presence().peers().to_string()),
+            ("chatconnect_history_cache_trusted", "gauge", "1 while the cache may answer joins (no other process writes the database, and this process's view of that is fresh).", u8::from(self.joins.presence().generation().is_some()).to_string()),
+        ];
+        for (name, kind, help, value) in rows {
+            sample(out, name, kind, help, value);
+        }
     }
 }

@@ -20,7 +20,7 @@
 //! | `http_conn.rs` | HTTP requests in, answers out, the WebSocket upgrade |
 //! | `ws_conn.rs` | WebSocket frames in, chat messages checked, the backlog limit, closes |
 //! | `pipeline.rs` | group commit: pending messages to the store, stored batches back |
-//! | `joins.rs` | a new member's history, then live |
+//! | `joins.rs` | a new member's history (the cache, shared room reads), then live |
 //! | `fanout.rs` | a stored batch queued to every member; slow consumers; closing a room |
 //! | `completions.rs` | the worker lanes, and the one place finished work comes back |
 //! | `timers.rs` | deadlines and pings |
@@ -53,10 +53,12 @@ use crate::api::Api;
 use crate::auth::Tokens;
 use crate::config::Config;
 use crate::metrics::Shared;
+use crate::presence::Presence;
 use crate::rooms::Rooms;
 use crate::store::Store;
-use completions::{Completions, Lanes};
+use completions::{Completions, LaneSizes, Lanes};
 use conns::{Conns, Kind, LISTENER, WAKER};
+use joins::Joins;
 use pipeline::Pipeline;
 use shutdown::Shutdown;
 
@@ -79,6 +81,8 @@ pub struct Reactor {
     /// Which rooms go to the store next, and the writes in flight
     /// (`pipeline.rs`).
     pipeline: Pipeline,
+    /// Recent history in memory and the store reads of joins (`joins.rs`).
+    joins: Joins,
     /// The worker lanes, and where their results come back
     /// (`completions.rs`).
     lanes: Lanes,
@@ -103,6 +107,7 @@ impl Reactor {
         store: Arc<dyn Store>,
         shared: Arc<Shared>,
         tokens: Tokens,
+        presence: Arc<Presence>,
         stop: Arc<AtomicBool>,
     ) -> io::Result<(Reactor, Arc<Waker>)> {
         let cfg = Arc::new(cfg);
@@ -110,11 +115,17 @@ impl Reactor {
             .listen_addr()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let (conns, waker) = Conns::bind(cfg.clone(), addr)?;
-        let workers = cfg.worker_count();
-        let (lanes, completions) = completions::start(workers, store, &waker)?;
+        let sizes = LaneSizes {
+            hash: cfg.worker_count(),
+            store: cfg.store_threads(),
+            write: cfg.store_writers(),
+        };
+        let (lanes, completions) = completions::start(&sizes, store, &waker)?;
         let reactor = Reactor {
             rooms: Rooms::default(),
-            pipeline: Pipeline::new(&cfg, workers, shared.clone()),
+            pipeline: Pipeline::new(&cfg, sizes.write, shared.clone(), presence.clone()),
+            // Two reads per store thread keep every thread busy between passes.
+            joins: Joins::new(&cfg, presence, sizes.store * 2),
             lanes,
             completions,
             api: Api::new(cfg.clone(), tokens),
@@ -142,19 +153,22 @@ impl Reactor {
         let mut next_tick = Instant::now() + self.tick;
         loop {
             let now = Instant::now();
-            let timeout =
-                if self.conns.has_work() || self.completions.more() || self.pipeline.can_submit() {
-                    Duration::ZERO
-                } else if self.shutdown.in_progress() {
-                    Duration::from_millis(20)
-                } else {
-                    next_tick.saturating_duration_since(now)
-                };
+            let timeout = if self.conns.has_work()
+                || self.completions.more()
+                || self.pipeline.can_submit()
+                || self.joins.can_submit()
+            {
+                Duration::ZERO
+            } else if self.shutdown.in_progress() || self.pipeline.waiting_to_write() {
+                Duration::from_millis(20)
+            } else {
+                next_tick.saturating_duration_since(now)
+            };
             self.conns.poll(&mut events, timeout)?;
             self.handle_events(&events);
             self.run_again();
             self.apply_completions();
-            self.pipeline.submit(&mut self.rooms, &self.lanes);
+            self.submit_work();
             self.flush_all();
 
             let now = Instant::now();
@@ -232,18 +246,24 @@ impl Reactor {
                 if now - last_poll >= MID_PASS_POLL && !self.shutdown.in_progress() {
                     self.poll_now();
                     self.apply_completions();
-                    self.pipeline.submit(&mut self.rooms, &self.lanes);
+                    self.submit_work();
                     // Counted from the end of that work, which can itself
                     // take milliseconds (a broadcast to thousands).
                     last_poll = Instant::now();
                 } else if self.completions.waiting() {
                     self.apply_completions();
-                    self.pipeline.submit(&mut self.rooms, &self.lanes);
+                    self.submit_work();
                 }
             }
             self.conns.flush_queued(&mut self.rooms, token);
         }
         self.conns.restore_flush_list(list);
+    }
+
+    /// Hand the store what waits for it: message writes first, then reads.
+    fn submit_work(&mut self) {
+        self.pipeline.submit(&mut self.rooms, &self.lanes);
+        self.joins.submit(&self.lanes);
     }
 
     /// Handle the socket events that are ready now, without waiting.

@@ -1,10 +1,11 @@
 //! The store pipeline (group commit). A chat message accepted from a member
 //! waits in its room's pending list; every room with waiting messages and
 //! no batch in flight gives its next batch, and the batches of many rooms go
-//! to the store lane as one write. When the write is back, each stored batch
-//! is encoded once and queued to its room (`fanout.rs`), joins that waited
-//! for it are answered (`joins.rs`), and the senders of a batch that failed
-//! are told.
+//! to the write lane as one write. When the write is back, each stored batch
+//! is encoded once and queued to its room (`fanout.rs`), kept in the room's
+//! recent history and answers the joins that waited for it (`joins.rs`), and
+//! the senders of a batch that failed are told. Nothing is written before
+//! `crate::presence` allows this process to write.
 //!
 //! The per-room state (pending messages, batch in flight, confirmed) lives in
 //! `crate::rooms`; this part owns the order in which rooms are written and
@@ -18,9 +19,11 @@ use std::time::Instant;
 use super::completions::{BatchOf, Lanes, Outcome};
 use super::conns::Conns;
 use super::fanout::{self, Encoded};
-use super::{joins, ws_conn};
+use super::joins::{self, Joins};
+use super::ws_conn;
 use crate::config::Config;
 use crate::metrics::Shared;
+use crate::presence::Presence;
 use crate::rooms::{ConnRef, Pending, Room, Rooms};
 use crate::store::{NewMessage, RoomBatch, Store, StoreError, StoreResult, StoredMessage};
 use crate::workers::Job;
@@ -39,10 +42,17 @@ pub(super) struct Pipeline {
     byte_cap: usize,
     /// Where the commit latency of each batch is recorded.
     shared: Arc<Shared>,
+    /// Whether this process may write yet.
+    presence: Arc<Presence>,
 }
 
 impl Pipeline {
-    pub(super) fn new(cfg: &Config, write_slots: usize, shared: Arc<Shared>) -> Pipeline {
+    pub(super) fn new(
+        cfg: &Config,
+        write_slots: usize,
+        shared: Arc<Shared>,
+        presence: Arc<Presence>,
+    ) -> Pipeline {
         Pipeline {
             dirty_rooms: Vec::new(),
             writes_inflight: 0,
@@ -53,6 +63,7 @@ impl Pipeline {
             // up.
             byte_cap: cfg.ws_max_backlog / 4,
             shared,
+            presence,
         }
     }
 
@@ -95,7 +106,15 @@ impl Pipeline {
 
     /// Rooms are waiting for a store write and a write may start.
     pub(super) fn can_submit(&self) -> bool {
-        !self.dirty_rooms.is_empty() && self.writes_inflight < self.write_slots
+        !self.dirty_rooms.is_empty()
+            && self.writes_inflight < self.write_slots
+            && self.presence.may_write()
+    }
+
+    /// Messages wait only for this process's first announcement to settle
+    /// (`crate::presence`): the loop should look again soon.
+    pub(super) fn waiting_to_write(&self) -> bool {
+        !self.dirty_rooms.is_empty() && !self.presence.may_write()
     }
 
     /// Group commit. Every room with waiting messages and no batch in flight
@@ -107,7 +126,7 @@ impl Pipeline {
     pub(super) fn submit(&mut self, rooms: &mut Rooms, lanes: &Lanes) {
         let write_max = self.write_max;
         while self.can_submit() {
-            if lanes.store_full() {
+            if lanes.write_full() {
                 return; // retried on the next pass
             }
             let keys = std::mem::take(&mut self.dirty_rooms);
@@ -172,7 +191,7 @@ impl Pipeline {
             });
             // Only the reactor submits, so after the depth check this cannot
             // fail; if it does, the batches are lost: say so.
-            if lanes.store.try_submit(job).is_ok() {
+            if lanes.write.try_submit(job).is_ok() {
                 self.writes_inflight += 1;
             } else {
                 log::error!("store queue refused a write of {total} messages");
@@ -190,6 +209,7 @@ impl Pipeline {
         &mut self,
         conns: &mut Conns,
         rooms: &mut Rooms,
+        joins: &mut Joins,
         parts: Vec<BatchOf>,
         results: Vec<StoreResult<Vec<StoredMessage>>>,
     ) {
@@ -199,17 +219,19 @@ impl Pipeline {
                 let waited = part.oldest.elapsed().as_secs_f64();
                 self.shared.commit_latency.observe(waited);
             }
-            self.batch_done(conns, rooms, part, result);
+            self.batch_done(conns, rooms, joins, part, result);
         }
     }
 
-    /// One room's batch is back: send it to the room (or tell its senders it
-    /// was not stored), answer the joins that waited for it, and list the
-    /// room again if more messages wait.
+    /// One room's batch is back: send it to the room and keep it in the
+    /// room's recent history (or tell its senders it was not stored), answer
+    /// the joins that waited for it, and list the room again if more messages
+    /// wait.
     fn batch_done(
         &mut self,
         conns: &mut Conns,
         rooms: &mut Rooms,
+        joins: &mut Joins,
         part: BatchOf,
         result: StoreResult<Vec<StoredMessage>>,
     ) {
@@ -226,10 +248,17 @@ impl Pipeline {
         match result {
             Ok(stored) => {
                 conns.counters.messages_stored += stored.len() as u64;
-                fanout::deliver(conns, rooms, room_key, &Encoded::new(&stored));
+                let encoded = Encoded::new(&stored);
+                fanout::deliver(conns, rooms, room_key, &encoded);
+                joins.stored(rooms, room_key, &encoded);
             }
             Err(StoreError::NoSuchRoom) => {
                 log::info!("room vanished from the store; closing its members");
+                if let Some(r) = rooms.get(room_key) {
+                    let name = r.name.clone();
+                    joins.forget(&name);
+                }
+                joins.failed(room_key);
                 return fanout::close_room(
                     conns,
                     rooms,
@@ -239,6 +268,7 @@ impl Pipeline {
                 );
             }
             Err(e) => {
+                joins.failed(room_key);
                 log::warn!("batch of {} not stored: {e}", part.senders.len());
                 ws_conn::tell_not_stored(
                     conns,
@@ -259,6 +289,7 @@ impl Pipeline {
             for j in deferred {
                 joins::joined(conns, rooms, self, j.conn, &name, j.since, j.result);
             }
+            joins::batch_done(conns, rooms, self, joins, room_key);
         }
         rooms.drop_if_idle(room_key);
     }

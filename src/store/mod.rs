@@ -8,6 +8,7 @@
 //! answers.
 
 pub mod mongo;
+mod process_lock;
 pub mod sqlite;
 
 use std::fmt;
@@ -146,6 +147,28 @@ pub trait Store: Send + Sync {
         before: Option<i64>,
         limit: usize,
     ) -> StoreResult<Vec<StoredMessage>>;
+
+    /// Announce server process `me`, whose counter `beat` rises with every
+    /// call, and list every process announced on this database with its
+    /// counter (`me` included). Only a database that several server processes
+    /// share needs this (see `crate::presence`); the default knows only `me`.
+    fn announce(&self, me: &str, beat: i64) -> StoreResult<Vec<(String, i64)>> {
+        Ok(vec![(me.to_owned(), beat)])
+    }
+
+    /// How many times the connection to the database was lost so far. A
+    /// database that came back may have come back empty or older: whatever
+    /// was cached from before is not to be trusted (`crate::presence`).
+    fn connection_losses(&self) -> u64 {
+        0
+    }
+
+    /// Remove the announcement of process `id` (this one stopping, or one
+    /// long gone).
+    fn withdraw(&self, id: &str) -> StoreResult<()> {
+        let _ = id;
+        Ok(())
+    }
 
     /// The newest `limit` messages with `seq > since`, returned oldest first.
     /// When more than `limit` match, the oldest ones are left out, so a caller

@@ -37,6 +37,14 @@ use super::{
     StoreResult, StoredMessage,
 };
 
+/// Connections the client may open when MONGO_URI does not say
+/// (`maxPoolSize`): enough for every store thread at once.
+const POOL_SIZE: u32 = 64;
+
+/// The collection where running server processes announce themselves
+/// (`crate::presence`).
+const INSTANCES: &str = "instances";
+
 /// MongoDB's duplicate key error.
 const DUPLICATE_KEY: i32 = 11000;
 /// "Not implemented" (FerretDB answers it for partial indexes).
@@ -211,6 +219,11 @@ impl MongoStore {
         options.app_name = Some("chatconnect".into());
         options.server_selection_timeout = Some(timeout);
         options.connect_timeout = Some(timeout);
+        // The driver's default pool (10) is smaller than the store lanes can
+        // use at once; connections are opened only as they are needed.
+        if options.max_pool_size.is_none() {
+            options.max_pool_size = Some(POOL_SIZE);
+        }
         let prepared = Arc::new(AtomicBool::new(false));
         let losses = Arc::new(AtomicU64::new(0));
         let (lost, count) = (prepared.clone(), losses.clone());
@@ -1072,6 +1085,44 @@ impl Store for MongoStore {
             Ok(None) => append_each(self, batches),
             Err(e) => batches.iter().map(|_| Err(e.clone())).collect(),
         }
+    }
+
+    fn announce(&self, me: &str, beat: i64) -> StoreResult<Vec<(String, i64)>> {
+        let instances = self.db.collection::<Document>(INSTANCES);
+        instances
+            .update_one(
+                doc! { "_id": me },
+                doc! { "$set": { "beat": beat, "at": DateTime::now() } },
+            )
+            .upsert(true)
+            .run()
+            .map_err(unavailable)?;
+        let cursor = instances
+            .find(doc! {})
+            .projection(doc! { "beat": 1 })
+            .run()
+            .map_err(unavailable)?;
+        let mut all = Vec::new();
+        for d in cursor {
+            let d = d.map_err(unavailable)?;
+            if let Ok(id) = d.get_str("_id") {
+                all.push((id.to_owned(), int_field(&d, "beat").unwrap_or(0)));
+            }
+        }
+        Ok(all)
+    }
+
+    fn connection_losses(&self) -> u64 {
+        self.losses.load(Ordering::SeqCst)
+    }
+
+    fn withdraw(&self, id: &str) -> StoreResult<()> {
+        self.db
+            .collection::<Document>(INSTANCES)
+            .delete_one(doc! { "_id": id })
+            .run()
+            .map(|_| ())
+            .map_err(unavailable)
     }
 
     fn messages_before(

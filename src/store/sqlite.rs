@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
+use super::process_lock::ProcessLock;
 use super::{
     DeleteOutcome, NewMessage, Room, RoomBatch, Store, StoreError, StoreResult, StoredMessage,
 };
@@ -54,6 +55,8 @@ pub struct SqliteStore {
     writer: Mutex<()>,
     /// Device and inode of the database file when it was opened.
     file: Option<(u64, u64)>,
+    /// The other server processes on this data directory (`process_lock.rs`).
+    processes: ProcessLock,
 }
 
 fn file_id(path: &Path) -> Option<(u64, u64)> {
@@ -119,6 +122,7 @@ impl SqliteStore {
             idle: Mutex::new(Vec::new()),
             writer: Mutex::new(()),
             file: None,
+            processes: ProcessLock::new(dir.join("chatserver.lock")),
         };
         // Another process creating the same database at this moment (while
         // it switches the file to WAL or writes the schema) makes these steps
@@ -295,6 +299,15 @@ fn append_in(
 }
 
 impl Store for SqliteStore {
+    fn announce(&self, me: &str, beat: i64) -> StoreResult<Vec<(String, i64)>> {
+        self.processes.announce(me, beat)
+    }
+
+    fn withdraw(&self, id: &str) -> StoreResult<()> {
+        self.processes.withdraw(id);
+        Ok(())
+    }
+
     fn ping(&self) -> StoreResult<()> {
         if !self.same_file() {
             return Err(StoreError::Unavailable(format!(
