@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod contract;
+pub mod history;
 pub mod mongo;
 
 use std::collections::VecDeque;

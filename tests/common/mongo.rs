@@ -574,6 +574,11 @@ impl FerretInstance {
         }
     }
 
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
