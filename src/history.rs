@@ -40,6 +40,9 @@ struct Entry {
     tick: u64,
     /// Presence generation the entry was filled under.
     generation: u64,
+    /// What a new member gets, built by the first one and shared by all
+    /// until the next batch.
+    newest: Option<Rc<[u8]>>,
 }
 
 impl Entry {
@@ -55,9 +58,10 @@ pub const RESUME_LIMIT: usize = 1000;
 
 /// What the cache can give a join.
 pub enum Answer {
-    /// The frames to send, oldest first, and the highest seq the room has
-    /// stored (what the member has now seen up to).
-    Frames(Vec<Frame>, i64),
+    /// The frames to send, oldest first, back to back in one shared chunk,
+    /// and the highest seq the room has stored (what the member has now seen
+    /// up to). Every new member of a room shares one chunk.
+    History(Rc<[u8]>, i64),
     /// The member resumes from before what the cache holds: the store must
     /// answer.
     TooOld,
@@ -86,27 +90,46 @@ pub struct HistoryCache {
     stats: CacheStats,
 }
 
-/// The frames of `frames` a member that has seen up to `since` (none: a new
-/// member) should get, given that the room holds everything above `floor`.
-pub fn answer(frames: &[Frame], floor: i64, since: Option<i64>, limit: usize) -> Answer {
+/// What a member that has seen up to `since` (none: a new member) should
+/// get of `frames`, given that the room holds everything above `floor`.
+/// `newest` keeps the new members' chunk, built on first use.
+pub fn answer(
+    frames: &[Frame],
+    floor: i64,
+    since: Option<i64>,
+    limit: usize,
+    newest: &mut Option<Rc<[u8]>>,
+) -> Answer {
     let last = frames.last().map_or(floor, |f| f.0);
     match since {
         // A position at or past the newest message: nothing to resend. Past
         // the newest is no position in this room (the client saw an earlier
         // room of this name): it gets what a new member gets.
-        Some(s) if s == last => Answer::Frames(Vec::new(), last),
+        Some(s) if s == last => Answer::History(Rc::from(&[][..]), last),
         // Seqs start at 1: a floor of 0 holds the whole room.
         Some(s) if s < last && s < floor && floor > 0 => Answer::TooOld,
         Some(s) if s < last => {
             let after = frames.partition_point(|f| f.0 <= s);
             let from = after.max(frames.len().saturating_sub(RESUME_LIMIT));
-            Answer::Frames(frames[from..].to_vec(), last)
+            Answer::History(concat(&frames[from..]), last)
         }
         _ => {
-            let from = frames.len().saturating_sub(limit);
-            Answer::Frames(frames[from..].to_vec(), last)
+            let chunk = newest.get_or_insert_with(|| {
+                let from = frames.len().saturating_sub(limit);
+                concat(&frames[from..])
+            });
+            Answer::History(chunk.clone(), last)
         }
     }
+}
+
+/// Frames back to back in one chunk.
+pub fn concat(frames: &[Frame]) -> Rc<[u8]> {
+    let mut bytes = Vec::with_capacity(frames.iter().map(|f| f.1.len()).sum());
+    for f in frames {
+        bytes.extend_from_slice(&f.1);
+    }
+    Rc::from(bytes)
 }
 
 fn frame_cost(f: &Frame) -> usize {
@@ -154,18 +177,29 @@ impl HistoryCache {
             return None;
         }
         self.touch(room);
-        let e = &self.entries[room];
-        let frames = e.frames.as_slices();
-        // `VecDeque` may wrap; join the halves only when it does.
-        let answer = if frames.1.is_empty() {
-            answer(frames.0, e.floor, since, self.limit)
-        } else {
-            let all: Vec<Frame> = e.frames.iter().cloned().collect();
-            answer(&all, e.floor, since, self.limit)
-        };
+        let limit = self.limit;
+        let e = self.entries.get_mut(room)?;
+        let had_chunk = e.newest.is_some();
+        let answer = answer(
+            e.frames.make_contiguous(),
+            e.floor,
+            since,
+            limit,
+            &mut e.newest,
+        );
+        // The new members' chunk, once built, counts against the budget,
+        // and is kept only if it fits.
+        if let (false, Some(chunk)) = (had_chunk, &e.newest) {
+            if self.bytes + chunk.len() <= self.budget {
+                e.bytes += chunk.len();
+                self.bytes += chunk.len();
+            } else {
+                e.newest = None;
+            }
+        }
         match answer {
             Answer::TooOld => self.stats.misses += 1,
-            Answer::Frames(..) => self.stats.hits += 1,
+            Answer::History(..) => self.stats.hits += 1,
         }
         Some(answer)
     }
@@ -203,6 +237,7 @@ impl HistoryCache {
                 bytes,
                 tick,
                 generation,
+                newest: None,
             },
         );
         self.evict(&active);
@@ -229,7 +264,7 @@ impl HistoryCache {
             added += frame_cost(f);
             e.frames.push_back(f.clone());
         }
-        let mut removed = 0;
+        let mut removed = e.newest.take().map_or(0, |c| c.len());
         while e.frames.len() > self.limit {
             if let Some(old) = e.frames.pop_front() {
                 removed += frame_cost(&old);
@@ -310,9 +345,14 @@ mod tests {
             .collect()
     }
 
+    /// The seqs of the test frames ("frame N") in an answer.
     fn seqs(a: &Answer) -> Vec<i64> {
         match a {
-            Answer::Frames(f, _) => f.iter().map(|f| f.0).collect(),
+            Answer::History(bytes, _) => String::from_utf8_lossy(bytes)
+                .split("frame ")
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse().expect("seq"))
+                .collect(),
             Answer::TooOld => panic!("too old"),
         }
     }
@@ -404,11 +444,12 @@ mod tests {
             c.fill(n, 0, &frames(1..=3), 1, active);
         }
         assert_eq!(c.stats().bytes, 3 * one);
-        c.serve("b", Some(1), None);
+        // A resume: touches "b" without building the new members' chunk.
+        c.serve("b", Some(1), Some(1));
         // "a" is the least recent but has members: "c" goes instead.
         c.fill(&names[3], 0, &frames(1..=3), 1, active);
         assert!(c.serve("c", Some(1), None).is_none());
-        assert!(c.serve("a", Some(1), None).is_some());
+        assert!(c.serve("a", Some(1), Some(1)).is_some());
         assert_eq!(c.stats().evictions, 1);
         // Only active rooms left over the budget: the least recent goes.
         let all = |_: &str| true;

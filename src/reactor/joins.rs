@@ -263,14 +263,14 @@ pub(super) fn begin(
     };
     let generation = joins.presence.generation();
     match joins.cache.serve(&up.room, generation, up.since) {
-        Some(Answer::Frames(frames, last)) => {
+        Some(Answer::History(bytes, last)) => {
             // A trusted entry means the room is in the store.
             if let Some(r) = rooms.get_mut(room_key) {
                 r.confirmed = true;
                 pipeline.queue_room(room_key, r);
             }
             joins.stats.shared_reads += 1;
-            return go_live(conns, rooms, conn, &frames, last);
+            return go_live(conns, rooms, conn, bytes, last);
         }
         Some(Answer::TooOld) => {
             joins.waiting.push_back(Read::Resume {
@@ -377,9 +377,10 @@ pub(super) fn loaded(
             rooms.member_count(n) > 0
         });
     }
+    let mut newest = None;
     for (conn, since) in load.waiters {
-        match history::answer(&frames, floor, since, joins.history_limit) {
-            Answer::Frames(f, last) => go_live(conns, rooms, conn, &f, last),
+        match history::answer(&frames, floor, since, joins.history_limit, &mut newest) {
+            Answer::History(bytes, last) => go_live(conns, rooms, conn, bytes, last),
             Answer::TooOld => joins.waiting.push_back(Read::Resume {
                 conn,
                 room: name.to_string(),
@@ -429,10 +430,10 @@ fn refuse(conns: &mut Conns, rooms: &mut Rooms, conn: ConnRef) {
     );
 }
 
-/// Send a joining member `frames` (the room's history up to seq `last`, the
-/// newest stored) and make it live. What it buffered while waiting is in
-/// `frames` already, unless newer.
-fn go_live(conns: &mut Conns, rooms: &mut Rooms, conn: ConnRef, frames: &[Frame], last: i64) {
+/// Send a joining member `history` (frames back to back, up to seq `last`,
+/// the newest stored) and make it live. What it buffered while waiting is in
+/// the history already, unless newer.
+fn go_live(conns: &mut Conns, rooms: &mut Rooms, conn: ConnRef, history: Rc<[u8]>, last: i64) {
     if !conns.live(conn) {
         return;
     }
@@ -445,14 +446,10 @@ fn go_live(conns: &mut Conns, rooms: &mut Rooms, conn: ConnRef, frames: &[Frame]
     let Phase::Joining { buffered, .. } = std::mem::replace(&mut w.phase, Phase::Live) else {
         return;
     };
-    let mut bytes = Vec::with_capacity(frames.iter().map(|f| f.1.len()).sum());
-    for f in frames {
-        bytes.extend_from_slice(&f.1);
-    }
-    let bytes_len = bytes.len();
+    let bytes_len = history.len();
     let out = &mut w.ws.get_mut().out;
-    if !bytes.is_empty() {
-        out.push(Rc::from(bytes));
+    if bytes_len > 0 {
+        out.push(history);
     }
     w.sent_upto = last;
     let mut delivered = 0;
