@@ -136,6 +136,23 @@ struct View {
     writable_from: Option<Instant>,
 }
 
+impl View {
+    /// Before the first round: nobody seen, so nothing trusted yet.
+    fn new(me: String) -> View {
+        View {
+            me,
+            beat: 0,
+            seen: HashMap::new(),
+            generation: 0,
+            others_before: true,
+            last_ok: None,
+            failed: false,
+            losses: 0,
+            writable_from: None,
+        }
+    }
+}
+
 /// Start announcing this process on `store` every [`PERIOD`] until
 /// [`Presence::stop`]; the thread withdraws the process before it ends.
 pub fn start(presence: Arc<Presence>, store: Arc<dyn Store>) -> std::io::Result<JoinHandle<()>> {
@@ -151,17 +168,7 @@ pub fn start(presence: Arc<Presence>, store: Arc<dyn Store>) -> std::io::Result<
     std::thread::Builder::new()
         .name("presence".into())
         .spawn(move || {
-            let mut view = View {
-                me,
-                beat: 0,
-                seen: HashMap::new(),
-                generation: 0,
-                others_before: true,
-                last_ok: None,
-                failed: false,
-                losses: 0,
-                writable_from: None,
-            };
+            let mut view = View::new(me);
             while !presence.stop.load(Ordering::SeqCst) {
                 let began = Instant::now();
                 round(&presence, store.as_ref(), &mut view, began);
@@ -283,17 +290,7 @@ mod tests {
     }
 
     fn view() -> View {
-        View {
-            me: "me".into(),
-            beat: 0,
-            seen: HashMap::new(),
-            generation: 0,
-            others_before: true,
-            last_ok: None,
-            failed: false,
-            losses: 0,
-            writable_from: None,
-        }
+        View::new("me".into())
     }
 
     fn step(p: &Presence, board: &Board, v: &mut View, began: Instant) {
