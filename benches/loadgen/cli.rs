@@ -36,7 +36,11 @@ fanout: --members 5000 --senders 10 --rate 2 --factor 2 --steps 11 --refine 3
         --retrials 6 (extra trials: the top passing rate and the failed one above
         it need two alike) --step-secs 4 --drain-secs 5 --p99-limit-ms 100
         --size 64 --seed 3 --all-steps
-many:   --rooms 1000 --room-size 10 --rate 250 --factor 2 --steps 8 --refine 3 (rest as fanout)
+        --deadline-ms D (deliveries within D ms count as on time; default the p99 limit)
+        --once: no ramp, one step at --rate msg/s for --step-secs, reported whether it
+        passed or not (all delivered?, fraction on time, p50/p99); fails only on a loss
+many:   --rooms 1000 --room-size 10 --senders-per-room K (default: every member)
+        --rate 250 (total msg/s) --factor 2 --steps 8 --refine 3 (rest as fanout)
 login:  --logins 8 --secs 10 --quiet-secs 3 --rtt-interval-ms 10 --workers N --cost 10
 rest:   --conns 50 --secs 10 --threads 2 --rooms 20 --no-wrk
 ";
@@ -48,7 +52,14 @@ pub struct Opts {
     pub pos: Vec<String>,
 }
 
-const BOOL_FLAGS: &[&str] = &["--quick", "--no-wrk", "--all-steps", "--help", "-h"];
+const BOOL_FLAGS: &[&str] = &[
+    "--quick",
+    "--no-wrk",
+    "--all-steps",
+    "--once",
+    "--help",
+    "-h",
+];
 
 pub fn die(msg: &str) -> ! {
     eprintln!("loadgen: {msg}");

@@ -56,6 +56,10 @@ pub struct StepPlan {
     /// Deliveries this worker's members should receive.
     pub expected: u64,
     pub deadline_ns: u64,
+    /// Deliveries within this many microseconds of their send time are
+    /// counted as on time (0: none are).
+    #[serde(default)]
+    pub within_us: u64,
 }
 
 /// What the coordinator asks of a worker once its connections are open.
@@ -82,6 +86,9 @@ pub struct StepReport {
     pub last_ns: u64,
     pub max_us: u64,
     pub hist: Vec<(u32, u64)>,
+    /// Deliveries within the step's `within_us`.
+    #[serde(default)]
+    pub on_time: u64,
 }
 
 /// A worker's connections so far: open, closed (by close code), and what
@@ -95,6 +102,9 @@ pub struct StatusReport {
     pub order_violations: u64,
     pub history_frames: u64,
     pub send_errors: u64,
+    /// Text frames received after the history (live traffic).
+    #[serde(default)]
+    pub live_frames: u64,
 }
 
 /// A worker's answers: `Ready` once every connection joined (or failed),
@@ -133,6 +143,7 @@ pub fn merge_status(msgs: &[WorkerMsg]) -> StatusReport {
             t.order_violations += s.order_violations;
             t.history_frames += s.history_frames;
             t.send_errors += s.send_errors;
+            t.live_frames += s.live_frames;
             for (k, v) in &s.close_codes {
                 *t.close_codes.entry(k.clone()).or_insert(0) += v;
             }

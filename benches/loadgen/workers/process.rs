@@ -30,6 +30,7 @@ use crate::CONTENT;
 #[derive(Default)]
 struct StepStats {
     received: u64,
+    on_time: u64,
     last_ns: u64,
     hist: Hist,
 }
@@ -40,6 +41,8 @@ struct WState {
     steps: Vec<StepStats>,
     sent: Vec<u64>,
     status: StatusReport,
+    /// The current step's `within_us`.
+    within_us: u64,
 }
 
 impl WState {
@@ -156,6 +159,7 @@ async fn worker_run(spec: Spec) {
         };
         match cmd {
             WorkerCmd::Step(plan) => {
+                w.state.borrow_mut().within_us = plan.within_us;
                 w.plan.send_replace(Some(plan));
                 let rep = wait_step(&w, plan.step, plan.expected, plan.deadline_ns).await;
                 emit(&WorkerMsg::Step(rep));
@@ -197,6 +201,7 @@ async fn wait_step(w: &WCtx, step: u32, expected: u64, deadline_ns: u64) -> Step
         last_ns: s.last_ns,
         max_us: s.hist.max,
         hist: s.hist.sparse(),
+        on_time: s.on_time,
     }
 }
 
@@ -237,6 +242,7 @@ async fn join(w: &WCtx, path: &str, history: u32) -> Result<(WsConn, i64), Strin
 
 /// Account for one text frame.
 fn on_text(st: &mut WState, has_seq: bool, p: &[u8], now: u64, last_seq: &mut i64) {
+    st.status.live_frames += 1;
     if has_seq {
         if let Some(seq) = field_seq(p) {
             if seq <= *last_seq {
@@ -252,10 +258,15 @@ fn on_text(st: &mut WState, has_seq: bool, p: &[u8], now: u64, last_seq: &mut i6
             let step = it.next().and_then(parse_u64);
             let t = it.nth(2).and_then(parse_u64);
             if let (Some(step), Some(t)) = (step, t) {
+                let within = st.within_us;
                 let s = st.step(step as usize);
+                let us = now.saturating_sub(t) / 1000;
                 s.received += 1;
+                if within > 0 && us <= within {
+                    s.on_time += 1;
+                }
                 s.last_ns = s.last_ns.max(now);
-                s.hist.record(now.saturating_sub(t) / 1000);
+                s.hist.record(us);
             }
         }
         Some(_) => {}
