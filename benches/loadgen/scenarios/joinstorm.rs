@@ -135,7 +135,12 @@ pub fn run(ctx: &Ctx) -> Result<Outcome, String> {
             ms(join_hist.max),
         );
     }
-    if chat_rate > 0.0 {
+    if chat_rate > 0.0 && storm_h.n == 0 {
+        eprintln!(
+            "  chatter: no round trip fell within the storm ({storm_lost} lost); quiet p99 {:.2} ms",
+            ms(quiet_h.quantile(0.99))
+        );
+    } else if chat_rate > 0.0 {
         eprintln!(
             "  chatter round trip during the storm p50 {:.2} ms p99 {:.2} ms max {:.2} ms \
              ({} samples, {storm_lost} lost); quiet p99 {:.2} ms",
