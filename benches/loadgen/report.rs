@@ -345,10 +345,10 @@ pub fn report(dir: &str) -> Result<String, String> {
         for store in rows {
             let doc = find(scn, "chatserver", store);
             let c = metric_of(doc, key);
-            let fmt = if key == "delivered_fraction" || key == "within_deadline" {
-                fmt_share
-            } else {
-                fmt_num
+            let fmt = match key {
+                "delivered_fraction" | "within_deadline" => fmt_share,
+                "refused" | "failed" => fmt_count,
+                _ => fmt_num,
             };
             let cell = |v: Option<f64>| v.map(fmt).unwrap_or_else(|| "–".into());
             let ratio = |b: Option<f64>| match (c, b) {
@@ -493,6 +493,15 @@ pub fn report(dir: &str) -> Result<String, String> {
     }
     md.push_str("```\n");
     Ok(md)
+}
+
+/// A count: a whole number, never "0.00".
+fn fmt_count(v: f64) -> String {
+    if v.abs() >= 1000.0 {
+        fmt_num(v)
+    } else {
+        format!("{v:.0}")
+    }
 }
 
 /// A fraction as a percentage, rounded down (so 0.9996 is not 100 %).
