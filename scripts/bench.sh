@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Load benchmarks: every scenario against chatserver and the two yardsticks
-# in one run, then a Markdown table of the figures with their ratios.
+# in one run, chatserver on each store, then a Markdown table of the figures
+# with their ratios.
 #
 #   floor     benches/floor.rs: a bare mio relay (no JSON, no store); what
 #             this machine can do at all
@@ -9,24 +10,37 @@
 #
 # Each scenario gets a fresh server process (ulimit -n 20000) on 127.0.0.1
 # and port 0; benches/loadgen/ drives it from several client processes.
+# chatserver runs each scenario once per store: SQLite (a fresh DATA_DIR),
+# and FerretDB (one instance started by scripts/ferretdb.sh, built on first
+# use, stopped at the end; a fresh MONGO_DB per scenario). The report puts
+# the stores side by side with their ratio; the yardsticks have no store and
+# run once. chatserver gets WS_RATE_LIMIT=0 for fanout, many and login (their
+# clients send faster than the per-socket limit); the others keep the default.
 #
 # Usage: scripts/bench.sh [--quick] [--only SCENARIO[,SCENARIO..]]
-#                         [--targets chatserver,floor,baseline] [--out DIR]
+#                         [--targets chatserver,floor,baseline]
+#                         [--store sqlite|ferretdb|both] [--out DIR]
 #                         [-- EXTRA LOADGEN FLAGS]
-#   scenarios: idle fanout many login rest groupcommit (default: all)
-#              groupcommit runs benches/group_commit.rs on SQLite and on a
-#              FerretDB started by scripts/ferretdb.sh (built on first use)
-#   --quick    small sizes (about 2 minutes after the build)
+#   scenarios: idle fanout many joinstorm login rest groupcommit (default: all)
+#              joinstorm: 5,000 sockets over 50 rooms of 20 messages, 200
+#              connects in flight (--quick: 1,000 over 20 rooms)
+#              groupcommit runs benches/group_commit.rs on each store
+#   --store    the stores chatserver and groupcommit run on (default both)
+#   --quick    small sizes (a few minutes after the build)
 #   --out      where the JSON results, server logs and report go
 #              (default target/bench/DATE)
-# The full run takes about 10 minutes after the build on 2 cores.
+#   EXTRA      flags for every loadgen run, e.g. the 19,000-socket storm:
+#              --only joinstorm -- --conns 19000 --rooms 100 --in-flight 0
+# The full run takes about 10 minutes per store after the build on 2 cores
+# (longer on FerretDB, whose joins are slower).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
 quick=()
-only="idle,fanout,many,login,rest,groupcommit"
+only="idle,fanout,many,joinstorm,login,rest,groupcommit"
 targets="chatserver,floor,baseline"
+store=both
 out=""
 extra=()
 while [[ $# -gt 0 ]]; do
@@ -36,17 +50,25 @@ while [[ $# -gt 0 ]]; do
         --only=*) only="${1#*=}" ;;
         --targets) targets="$2"; shift ;;
         --targets=*) targets="${1#*=}" ;;
+        --store) store="$2"; shift ;;
+        --store=*) store="${1#*=}" ;;
         --out) out="$2"; shift ;;
         --out=*) out="${1#*=}" ;;
         --) shift; extra=("$@"); break ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
 for s in ${only//,/ }; do
-    case "$s" in idle|fanout|many|login|rest|groupcommit) ;; *) echo "bench.sh: unknown scenario $s" >&2; exit 2 ;; esac
+    case "$s" in idle|fanout|many|joinstorm|login|rest|groupcommit) ;; *) echo "bench.sh: unknown scenario $s" >&2; exit 2 ;; esac
 done
+case "$store" in
+    sqlite) stores=(sqlite) ;;
+    ferretdb) stores=(ferretdb) ;;
+    both) stores=(sqlite ferretdb) ;;
+    *) echo "bench.sh: --store must be sqlite, ferretdb or both" >&2; exit 2 ;;
+esac
 for t in ${targets//,/ }; do
     case "$t" in chatserver|floor|baseline) ;; *) echo "bench.sh: unknown target $t" >&2; exit 2 ;; esac
 done
@@ -109,16 +131,50 @@ stop_target() {
         data=""
     fi
 }
-trap stop_target EXIT
 
-# start_target TARGET SCENARIO: sets pid and addr.
+# One FerretDB for the whole run, started on first use (ferret_uri), stopped
+# at the end.
+ferret=""
+ferret_uri=""
+ensure_ferret() {
+    [[ -n $ferret_uri ]] && return 0
+    ferret=$(mktemp -d "${TMPDIR:-/tmp}/chatconnect-ferret.XXXXXX")
+    echo "== FerretDB: scripts/ferretdb.sh start $ferret"
+    if ! ferret_uri=$(scripts/ferretdb.sh start "$ferret") || [[ -z $ferret_uri ]]; then
+        echo "bench.sh: FerretDB did not start (see above)" >&2
+        ferret_uri=""
+        return 1
+    fi
+    echo "scripts/ferretdb.sh start DIR   # $ferret_uri" >>"$commands"
+}
+stop_ferret() {
+    if [[ -n $ferret ]]; then
+        scripts/ferretdb.sh stop "$ferret" >/dev/null 2>&1 || true
+        rm -rf "$ferret"
+        ferret=""
+        ferret_uri=""
+    fi
+}
+trap 'stop_target; stop_ferret' EXIT
+
+# start_target TARGET SCENARIO NAME [STORE]: sets pid and addr; NAME names
+# the log.
 start_target() {
-    local log=$out/$2-$1.server.log cmd
+    local log=$out/$3.server.log cmd store_env rate=()
     data=$(mktemp -d "${TMPDIR:-/tmp}/chatconnect-bench.XXXXXX")
+    case $2 in fanout|many|login) rate=(WS_RATE_LIMIT=0) ;; esac
+    case ${4:-} in
+        ferretdb)
+            ensure_ferret || return 1
+            # A database of its own per scenario: runs never see each
+            # other's rooms.
+            store_env=(MONGO_URI="$ferret_uri" MONGO_DB="bench_$2_$(date +%s)") ;;
+        *) store_env=(-u MONGO_URI -u MONGO_DB) ;;
+    esac
     case $1 in
         chatserver)
-            cmd=(env -u MONGO_URI PORT=0 HOST=127.0.0.1 DATA_DIR="$data" BCRYPT_COST=10
-                 WS_RATE_LIMIT=0 "$chatserver") ;;
+            cmd=(env "${store_env[@]}" PORT=0 HOST=127.0.0.1 DATA_DIR="$data" BCRYPT_COST=10
+                 "${rate[@]}" "$chatserver") ;;
         floor) cmd=(env PORT=0 HOST=127.0.0.1 "$floor") ;;
         baseline) cmd=(env PORT=0 HOST=127.0.0.1 BCRYPT_COST=10 "$baseline") ;;
     esac
@@ -140,30 +196,23 @@ start_target() {
     return 1
 }
 
-ferret=""
-stop_ferret() {
-    if [[ -n $ferret ]]; then
-        scripts/ferretdb.sh stop "$ferret" >/dev/null 2>&1 || true
-        rm -rf "$ferret"
-        ferret=""
-    fi
-}
-trap 'stop_target; stop_ferret' EXIT
-
-# Group commit: store writes of one message against batched writes, on both
-# backends (the store alone, no server in between).
+# Group commit: store writes of one message against batched writes, on each
+# store (the store alone, no server in between).
 group_commit_run() {
-    local secs=3 uri
+    local secs=3 st
     [[ ${#quick[@]} -gt 0 ]] && secs=1
-    echo "== groupcommit: sqlite"
-    echo "cargo bench --bench group_commit -- $secs" >>"$commands"
-    "$group_commit" "$secs" | tee "$out/groupcommit-sqlite.txt"
-    echo "== groupcommit: mongodb (FerretDB)"
-    ferret=$(mktemp -d "${TMPDIR:-/tmp}/chatconnect-ferret.XXXXXX")
-    uri=$(scripts/ferretdb.sh start "$ferret")
-    echo "scripts/ferretdb.sh start DIR; cargo bench --bench group_commit -- $secs --mongo $uri" >>"$commands"
-    "$group_commit" "$secs" --mongo "$uri" | tee "$out/groupcommit-mongodb.txt"
-    stop_ferret
+    for st in "${stores[@]}"; do
+        if [[ $st == sqlite ]]; then
+            echo "== groupcommit: sqlite"
+            echo "cargo bench --bench group_commit -- $secs" >>"$commands"
+            "$group_commit" "$secs" | tee "$out/groupcommit-sqlite.txt" || return 1
+        else
+            echo "== groupcommit: mongodb (FerretDB)"
+            ensure_ferret || return 1
+            echo "cargo bench --bench group_commit -- $secs --mongo $ferret_uri" >>"$commands"
+            "$group_commit" "$secs" --mongo "$ferret_uri" | tee "$out/groupcommit-mongodb.txt" || return 1
+        fi
+    done
 }
 
 failed=0
@@ -173,19 +222,27 @@ for scn in ${only//,/ }; do
         continue
     fi
     for t in ${targets//,/ }; do
-        echo "== $scn: $t"
-        case $t in chatserver) kind=server ;; *) kind=$t ;; esac
-        start_target "$t" "$scn"
-        args=("$scn" --addr "$addr" --server-pid "$pid" --kind "$kind" --label "$t"
-              --json-out "$out/$scn-$t.json" "${quick[@]}" "${extra[@]}")
-        echo "cargo bench --bench loadgen -- ${args[*]}" >>"$commands"
-        if ! timeout 600 "$loadgen" "${args[@]}" >/dev/null; then
-            echo "   ($scn against $t reported a failure; see above and $out)"
-            failed=$((failed + 1))
-        fi
-        stop_target
+        case $t in chatserver) kind=server; on=("${stores[@]}") ;; *) kind=$t; on=("") ;; esac
+        for st in "${on[@]}"; do
+            name=$scn-$t${st:+-$st}
+            echo "== $scn: $t${st:+ on $st}"
+            if ! start_target "$t" "$scn" "$name" "$st"; then
+                failed=$((failed + 1))
+                stop_target
+                continue
+            fi
+            args=("$scn" --addr "$addr" --server-pid "$pid" --kind "$kind" --label "$t"
+                  ${st:+--store "$st"} --json-out "$out/$name.json" "${quick[@]}" "${extra[@]}")
+            echo "cargo bench --bench loadgen -- ${args[*]}" >>"$commands"
+            if ! timeout 900 "$loadgen" "${args[@]}" >/dev/null; then
+                echo "   ($scn against $t${st:+ on $st} reported a failure; see above and $out)"
+                failed=$((failed + 1))
+            fi
+            stop_target
+        done
     done
 done
+stop_ferret
 
 report=$out/report.md
 {
@@ -193,7 +250,7 @@ report=$out/report.md
     echo
     echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) on $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB;" \
         "git $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo '+changes');" \
-        "${quick[*]:-full size}"
+        "${quick[*]:-full size}; stores: ${stores[*]}"
     echo
     "$loadgen" report "$out"
     echo

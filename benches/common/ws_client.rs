@@ -66,6 +66,45 @@ pub fn ws_path(room: &str, user: &str) -> String {
     format!("/ws/{}?username={}", enc(room), enc(user))
 }
 
+/// An upgrade answered with something else than `101`: the answer's status
+/// code (0 when the status line could not be read) and its status line. It
+/// travels inside the `io::Error` of `connect`; `refused_status` finds it.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: u16,
+    pub line: String,
+}
+
+impl Refused {
+    fn from_status_line(line: &str) -> Refused {
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        Refused {
+            status,
+            line: line.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "upgrade refused: {}", self.line)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// The status code of an upgrade the server refused (any answer but `101`),
+/// or `None` when `e` is another kind of failure (connect, reset, EOF).
+pub fn refused_status(e: &io::Error) -> Option<u16> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<Refused>())
+        .map(|r| r.status)
+}
+
 /// One frame decoded from the read buffer.
 pub struct Frame<'a> {
     pub opcode: u8,
@@ -104,7 +143,7 @@ pub async fn connect(addr: SocketAddr, path: &str) -> io::Result<WsConn> {
             let head = String::from_utf8_lossy(&conn.buf[..end]).into_owned();
             let status = head.lines().next().unwrap_or("").to_string();
             if !status.starts_with("HTTP/1.1 101") {
-                return Err(io::Error::other(format!("upgrade refused: {status}")));
+                return Err(io::Error::other(Refused::from_status_line(&status)));
             }
             conn.pos = end + 4;
             return Ok(conn);

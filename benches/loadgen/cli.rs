@@ -16,17 +16,19 @@ loadgen: load scenarios for ChatConnect and its yardsticks
 usage: cargo bench --bench loadgen -- SCENARIO [flags]
        cargo bench --bench loadgen -- report DIR
 
-scenarios: idle, fanout, many, login, rest
+scenarios: idle, fanout, many, joinstorm, login, rest
 
 common flags:
   --addr HOST:PORT     server to drive (default 127.0.0.1:8000)
   --server-pid PID     server process, for RSS and CPU figures
   --kind K             server | baseline | floor (floor: no history, no seq, no login)
   --label NAME         name of the target in reports (default: the kind)
+  --store NAME         the store the server runs on (sqlite, ferretdb): recorded in
+                       the result; the report gives each store a row of its own
   --json-out FILE      also write the JSON result there
   --quick              small sizes, for development
-  --procs N            client processes (default 2, more for idle when needed;
-                       fanout adds one for its senders)
+  --procs N            client processes (default 2, more for idle and joinstorm when
+                       needed: one per 9,000 sockets; fanout adds one for its senders)
   --history-limit N    messages the server sends on join (default 50)
 
 idle:   --conns 19000 --rooms 100 --seed 10 --hold 10
@@ -36,7 +38,20 @@ fanout: --members 5000 --senders 10 --rate 2 --factor 2 --steps 11 --refine 3
         --retrials 6 (extra trials: the top passing rate and the failed one above
         it need two alike) --step-secs 4 --drain-secs 5 --p99-limit-ms 100
         --size 64 --seed 3 --all-steps
-many:   --rooms 1000 --room-size 10 --rate 250 --factor 2 --steps 8 --refine 3 (rest as fanout)
+        --deadline-ms D (deliveries within D ms count as on time; default the p99 limit)
+        --once: no ramp, one step at --rate msg/s for --step-secs, reported whether it
+        passed or not (all delivered?, fraction on time, p50/p99); fails only on a loss
+many:   --rooms 1000 --room-size 10 --senders-per-room K (default: every member)
+        --rate 250 (total msg/s) --factor 2 --steps 8 --refine 3 (rest as fanout)
+joinstorm: --conns 5000 --rooms 50 --seed 20 (history messages per room; each socket
+        must get the newest min(seed, --history-limit) in seq order) --in-flight 200
+        (connects in flight over all processes; 0 = all at once) --chat-rate 20 (msg/s
+        of the chatter in a room of its own; 0 = none) --quiet-secs 2 (chatting before
+        the storm) --hold 2 (after it, before RSS) --connect-timeout 60 (per socket)
+        --storm-secs 120 (the whole storm) --retries 0 --retry-ms 200 (refused upgrades
+        tried again; none by default: a refusal is a refusal)
+        --quick: --conns 1000 --rooms 20 --quiet-secs 1 --hold 1 --connect-timeout 30
+        --storm-secs 60
 login:  --logins 8 --secs 10 --quiet-secs 3 --rtt-interval-ms 10 --workers N --cost 10
 rest:   --conns 50 --secs 10 --threads 2 --rooms 20 --no-wrk
 ";
@@ -48,7 +63,14 @@ pub struct Opts {
     pub pos: Vec<String>,
 }
 
-const BOOL_FLAGS: &[&str] = &["--quick", "--no-wrk", "--all-steps", "--help", "-h"];
+const BOOL_FLAGS: &[&str] = &[
+    "--quick",
+    "--no-wrk",
+    "--all-steps",
+    "--once",
+    "--help",
+    "-h",
+];
 
 pub fn die(msg: &str) -> ! {
     eprintln!("loadgen: {msg}");

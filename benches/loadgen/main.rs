@@ -3,7 +3,7 @@
 //!
 //! Run: `cargo bench --bench loadgen -- SCENARIO --addr 127.0.0.1:PORT
 //! [--server-pid PID] [--kind server|baseline|floor] [--label NAME]
-//! [--json-out FILE] [--quick] [scenario flags]`, or
+//! [--store sqlite|ferretdb] [--json-out FILE] [--quick] [scenario flags]`, or
 //! `cargo bench --bench loadgen -- report DIR` to turn a directory of JSON
 //! results into the Markdown table with ratios. `--help` lists the flags.
 //!
@@ -13,8 +13,13 @@
 //! - `fanout`: S senders and M members in one room; a ramp of send rates,
 //!   every delivery counted, latency from the send time carried in the
 //!   content (the senders have a client process of their own); the figure
-//!   is the highest rate with p99 under the limit and nothing lost.
-//! - `many`: 1000 rooms of 10 members, everyone chatting; same ramp.
+//!   is the highest rate with p99 under the limit and nothing lost. With
+//!   `--once`, one step at a fixed rate instead of the ramp.
+//! - `many`: 1000 rooms of 10 members, everyone chatting (or K senders a
+//!   room); same ramp, or `--once`.
+//! - `joinstorm`: N WebSockets over R rooms with history connecting at once
+//!   (or C at a time) while a chatter in another room times its round
+//!   trips; joined, refused, failed, exact histories, joins/s, RSS.
 //! - `login`: L concurrent login loops while one WebSocket client measures
 //!   its round trip; logins/s against the bcrypt bound.
 //! - `rest`: `GET /rooms` with keep-alive (wrk when installed).
@@ -29,9 +34,10 @@
 //! scenario (`scenarios/`, a file each) and prints its JSON result;
 //! `ramp.rs` is the rate ramp that `fanout` and `many` share; `workers/` the
 //! worker processes (their protocol, the coordinator's pool, the connections
-//! inside a worker); `seed.rs` and `http.rs` the coordinator's own small
-//! clients; `hist.rs` the latency histogram; `sys.rs` process figures from
-//! `/proc`; `report.rs` the Markdown table. The WebSocket client and the ramp
+//! inside a worker, a join storm's side of them); `seed.rs`, `http.rs` and
+//! `chatter.rs` the coordinator's own small clients; `hist.rs` the latency histogram; `sys.rs` process figures from
+//! `/proc`; `report.rs` the Markdown table (a row per store for chatserver,
+//! from `--store`). The WebSocket client and the ramp
 //! verdict are in `benches/common/`, shared with the tests.
 
 #[path = "../common/verdict.rs"]
@@ -39,6 +45,7 @@ mod verdict;
 #[path = "../common/ws_client.rs"]
 mod ws_client;
 
+mod chatter;
 mod cli;
 mod hist;
 mod http;
@@ -115,9 +122,19 @@ fn main() {
     }
     let ctx = Ctx::new(opts, &argv);
     let started = Instant::now();
-    eprintln!("loadgen: {scenario} against {} ({})", ctx.label, ctx.addr);
+    let store = ctx
+        .opts
+        .vals
+        .get("store")
+        .map(|s| format!(" on {s}"))
+        .unwrap_or_default();
+    eprintln!(
+        "loadgen: {scenario} against {}{store} ({})",
+        ctx.label, ctx.addr
+    );
     let result = match scenario.as_str() {
         "idle" => scenarios::idle::run(&ctx),
+        "joinstorm" | "join-storm" => scenarios::joinstorm::run(&ctx),
         "fanout" | "fan-out" => scenarios::fanout::run(&ctx),
         "many" | "many-rooms" => scenarios::many::run(&ctx),
         "login" | "login-storm" => scenarios::login::run(&ctx),
@@ -139,11 +156,13 @@ fn main() {
         "fan-out" => "fanout",
         "many-rooms" => "many",
         "login-storm" => "login",
+        "join-storm" => "joinstorm",
         s => s,
     };
     let doc = json!({
         "scenario": scenario,
         "label": ctx.label,
+        "store": ctx.opts.vals.get("store"),
         "kind": format!("{:?}", ctx.kind).to_lowercase(),
         "command": ctx.command,
         "ok": out.ok,

@@ -2,7 +2,10 @@
 //! join over the worker processes, then steps of a fixed send rate run one
 //! after another (each step's deliveries counted and timed by the members),
 //! and the verdict (`benches/common/verdict.rs`) names the highest rate
-//! sustained with p99 under the limit and nothing lost.
+//! sustained with p99 under the limit and nothing lost. With `--once` there
+//! is no ramp: one step at `--rate` for `--step-secs`, reported whether it
+//! passed or not (everything delivered?, the fraction within `--deadline-ms`,
+//! its latencies).
 //!
 //! `scenarios/fanout.rs` and `scenarios/many.rs` lay out their rooms and
 //! senders as worker groups and call `run_ramp`; everything after that is
@@ -34,13 +37,18 @@ pub struct Ramp {
     step_secs: f64,
     drain_secs: f64,
     p99_limit_ms: f64,
+    /// A delivery within this latency is on time.
+    deadline_ms: f64,
     all_steps: bool,
+    /// One step at `rate`, no ramp.
+    once: bool,
 }
 
 impl Ramp {
     /// The flags of a ramp; `rate` and `steps` are the scenario's (full, quick)
     /// defaults.
     pub fn from_opts(o: &Opts, rate: (f64, f64), steps: (u32, u32)) -> Ramp {
+        let p99_limit_ms = o.num("p99-limit-ms", 100.0, 100.0);
         Ramp {
             rate: o.num("rate", rate.0, rate.1),
             factor: o.num("factor", 2.0, 2.0),
@@ -49,8 +57,10 @@ impl Ramp {
             retrials: o.num("retrials", 6, 2),
             step_secs: o.num("step-secs", 4.0, 2.0),
             drain_secs: o.num("drain-secs", 5.0, 3.0),
-            p99_limit_ms: o.num("p99-limit-ms", 100.0, 100.0),
+            p99_limit_ms,
+            deadline_ms: o.num("deadline-ms", p99_limit_ms, p99_limit_ms),
             all_steps: o.has("--all-steps"),
+            once: o.has("--once"),
         }
     }
 }
@@ -87,6 +97,9 @@ struct StepSummary {
     sent: u64,
     expected: u64,
     received: u64,
+    /// Deliveries within the deadline, and their fraction of those expected.
+    on_time: u64,
+    within_deadline: f64,
     deliveries_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -106,7 +119,8 @@ impl StepSummary {
         let s = self;
         eprintln!(
             "  step {}: {:.1} msg/s: {}/{} delivered, {:.0} deliveries/s, \
-             p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms, server CPU {}%, loadgen CPU {}%{}",
+             p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms, {:.1}% on time, \
+             server CPU {}%, loadgen CPU {}%{}",
             s.step,
             s.rate_msgs,
             s.received,
@@ -116,7 +130,10 @@ impl StepSummary {
             s.p99_ms,
             s.p999_ms,
             s.max_ms,
-            s.server_cpu_pct.map(|c| c.to_string()).unwrap_or("?".into()),
+            s.within_deadline * 100.0,
+            s.server_cpu_pct
+                .map(|c| c.to_string())
+                .unwrap_or("?".into()),
             s.loadgen_cpu_pct,
             if s.ok { "" } else { "  [not sustained]" }
         );
@@ -227,6 +244,7 @@ impl RampRun<'_> {
                 total_senders,
                 expected: exp,
                 deadline_ns,
+                within_us: (ramp.deadline_ms * 1000.0) as u64,
             };
             self.pool.send(w, &WorkerCmd::Step(plan))?;
         }
@@ -238,11 +256,12 @@ impl RampRun<'_> {
         let status = merge_status(&self.pool.collect("status", Duration::from_secs(30))?);
 
         let mut hist = Hist::default();
-        let (mut sent, mut received, mut last_ns) = (0, 0, 0);
+        let (mut sent, mut received, mut on_time, mut last_ns) = (0, 0, 0, 0);
         for m in &reps {
             if let WorkerMsg::Step(r) = m {
                 sent += r.sent;
                 received += r.received;
+                on_time += r.on_time;
                 last_ns = last_ns.max(r.last_ns);
                 hist.merge(&Hist::from_sparse(&r.hist, r.max_us));
             }
@@ -256,6 +275,8 @@ impl RampRun<'_> {
             sent,
             expected,
             received,
+            on_time,
+            within_deadline: on_time as f64 / expected.max(1) as f64,
             deliveries_per_s: (received as f64 / span).round(),
             p50_ms: ms(hist.quantile(0.5)),
             p99_ms: ms(hist.quantile(0.99)),
@@ -349,6 +370,13 @@ pub fn run_ramp(
         seen_errors: 0,
         usable: true,
     };
+    if ramp.once {
+        run.phase(1, |steps| steps.is_empty().then_some(ramp.rate))?;
+        let steps = std::mem::take(&mut run.steps);
+        drop(run); // ends the workers
+        let step = steps.first().ok_or("the step did not run")?;
+        return Ok(outcome_once(step, &steps, ramp, joined.secs));
+    }
     // Ramp up through every step, unless one loses messages or members
     // (what it leaves queued would spoil the next) or is far past the limit.
     run.phase(ramp.steps, |steps| match steps.last() {
@@ -396,6 +424,45 @@ fn refine_rate(steps: &[StepSummary], factor: f64) -> Option<f64> {
             }
         }
     }
+}
+
+/// The figures of a `--once` run: its one step's, passed or not. It fails
+/// when a message or a member was lost, not when p99 is over the limit.
+fn outcome_once(s: &StepSummary, steps: &[StepSummary], ramp: &Ramp, joined_secs: f64) -> Outcome {
+    let mut out = Outcome::default();
+    out.set("members_joined_secs", joined_secs);
+    out.set("rate_msgs", s.rate_msgs);
+    out.set("deliveries_per_s", s.deliveries_per_s);
+    out.set("expected", s.expected as f64);
+    out.set("received", s.received as f64);
+    out.set(
+        "delivered_fraction",
+        s.received as f64 / s.expected.max(1) as f64,
+    );
+    out.set("all_delivered", f64::from(u8::from(!s.broken())));
+    out.set("deadline_ms", ramp.deadline_ms);
+    out.set("within_deadline", s.within_deadline);
+    out.set("p50_ms", s.p50_ms);
+    out.set("p99_ms", s.p99_ms);
+    out.set("p999_ms", s.p999_ms);
+    out.set("max_ms", s.max_ms);
+    out.set("order_violations", s.order_violations as f64);
+    out.set("closed", s.closed as f64);
+    out.ok = !s.broken() && s.order_violations == 0 && s.error_frames == 0;
+    if !out.ok {
+        out.notes.push(format!(
+            "{}/{} delivered, {}/{} sent, {} closed, {} out of order, {} error frames",
+            s.received, s.expected, s.sent, s.msgs, s.closed, s.order_violations, s.error_frames
+        ));
+    }
+    if s.p99_ms >= ramp.p99_limit_ms {
+        out.notes.push(format!(
+            "p99 {} ms is over the {} ms limit at {} msg/s",
+            s.p99_ms, ramp.p99_limit_ms, s.rate_msgs
+        ));
+    }
+    out.details = json!({ "steps": steps, "once": true });
+    out
 }
 
 /// The ramp's figures: the sustained step's, and the totals of every step.

@@ -1,5 +1,8 @@
 //! The report: a Markdown table of every figure with its ratios to the
 //! yardsticks, then the ramps step by step, the notes and the command lines.
+//! chatserver gets a row per store it ran on (the result's `store`, from
+//! `--store`), side by side, with the ratio of each store to SQLite from the
+//! same run; the yardsticks have no store and repeat on each row.
 //!
 //! Called by `main` for `loadgen report DIR`, which scripts/bench.sh runs
 //! on its directory of JSON results once every scenario has run.
@@ -72,6 +75,20 @@ const FIGURES: &[(&str, &str, &str, bool, &str)] = &[
         "",
     ),
     (
+        "fanout",
+        "delivered_fraction",
+        "delivered of those expected (--once)",
+        false,
+        "= 100 %",
+    ),
+    (
+        "fanout",
+        "within_deadline",
+        "delivered within the deadline (--once)",
+        false,
+        "",
+    ),
+    (
         "many",
         "deliveries_per_s",
         "sustained deliveries/s (p99 < limit, none lost)",
@@ -91,6 +108,99 @@ const FIGURES: &[(&str, &str, &str, bool, &str)] = &[
         "many",
         "p999_ms",
         "latency p99.9 at that rate (ms)",
+        true,
+        "",
+    ),
+    (
+        "many",
+        "delivered_fraction",
+        "delivered of those expected (--once)",
+        false,
+        "= 100 %",
+    ),
+    (
+        "many",
+        "within_deadline",
+        "delivered within the deadline (--once)",
+        false,
+        "",
+    ),
+    (
+        "joinstorm",
+        "joined",
+        "sockets joined (101 and history)",
+        false,
+        "= requested",
+    ),
+    (
+        "joinstorm",
+        "history_exact",
+        "joined with exactly the right history",
+        false,
+        "= joined",
+    ),
+    (
+        "joinstorm",
+        "refused",
+        "refused (any answer but 101)",
+        true,
+        "0",
+    ),
+    ("joinstorm", "failed", "failed otherwise", true, "0"),
+    (
+        "joinstorm",
+        "storm_secs",
+        "time for the whole storm to be joined (s)",
+        true,
+        "",
+    ),
+    ("joinstorm", "joins_per_s", "joins/s", false, ""),
+    (
+        "joinstorm",
+        "join_p99_ms",
+        "one socket's join p99, connect to history (ms)",
+        true,
+        "",
+    ),
+    (
+        "joinstorm",
+        "chat_p50_storm_ms",
+        "chatter round trip p50 during the storm (ms)",
+        true,
+        "",
+    ),
+    (
+        "joinstorm",
+        "chat_p99_storm_ms",
+        "chatter round trip p99 during the storm (ms)",
+        true,
+        "",
+    ),
+    (
+        "joinstorm",
+        "chat_max_storm_ms",
+        "chatter round trip max during the storm (ms)",
+        true,
+        "",
+    ),
+    (
+        "joinstorm",
+        "rss_before_mib",
+        "server RSS before the storm (MiB)",
+        true,
+        "",
+    ),
+    (
+        "joinstorm",
+        "rss_after_mib",
+        "server RSS after it (MiB)",
+        true,
+        "",
+    ),
+    (
+        "joinstorm",
+        "rss_per_socket_bytes",
+        "server RSS per joined socket (bytes)",
         true,
         "",
     ),
@@ -179,77 +289,163 @@ pub fn report(dir: &str) -> Result<String, String> {
             Err(e) => eprintln!("skipping {}: {e}", p.display()),
         }
     }
-    let find = |scn: &str, label: &str| {
-        docs.iter()
-            .find(|d| d["scenario"] == scn && d["label"] == label)
+    // A result is found by scenario, target and store (None: no store, as
+    // for the yardsticks and for results without `--store`).
+    let store_of = |d: &Value| d["store"].as_str().map(str::to_string);
+    let find = |scn: &str, label: &str, store: Option<&str>| {
+        docs.iter().find(|d| {
+            d["scenario"] == scn && d["label"] == label && store_of(d).as_deref() == store
+        })
     };
-    let metric =
-        |scn: &str, label: &str, m: &str| find(scn, label).and_then(|d| d["metrics"][m].as_f64());
+    // The yardsticks are looked up with or without a store.
+    let yard = |scn: &str, label: &str| {
+        find(scn, label, None).or_else(|| {
+            docs.iter()
+                .find(|d| d["scenario"] == scn && d["label"] == label)
+        })
+    };
+    let mut stores: Vec<Option<String>> = Vec::new();
+    for d in docs.iter().filter(|d| d["label"] == "chatserver") {
+        let s = store_of(d);
+        if !stores.contains(&s) {
+            stores.push(s);
+        }
+    }
+    // SQLite first, then FerretDB, then any other; no store last.
+    stores.sort_by_key(|s| match s.as_deref() {
+        Some("sqlite") => (0, String::new()),
+        Some("ferretdb") => (1, String::new()),
+        Some(o) => (2, o.to_string()),
+        None => (3, String::new()),
+    });
+    let metric_of = |d: Option<&Value>, m: &str| d.and_then(|d| d["metrics"][m].as_f64());
     let mut md = String::new();
     md.push_str(
-        "| scenario | figure | chatserver | floor | baseline | ÷ floor | ÷ baseline | target |\n",
+        "| scenario | figure | store | chatserver | floor | baseline | ÷ floor | ÷ baseline | ÷ sqlite | target |\n",
     );
-    md.push_str("|---|---|---:|---:|---:|---:|---:|---|\n");
+    md.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|---|\n");
     for &(scn, key, what, lower, target) in FIGURES {
-        if ["chatserver", "floor", "baseline"]
+        let any = docs
             .iter()
-            .all(|l| find(scn, l).is_none())
-        {
+            .any(|d| d["scenario"] == scn && d["metrics"][key].is_number());
+        if !any {
             continue;
         }
-        let cell = |l: &str| {
-            metric(scn, l, key)
-                .map(fmt_num)
-                .unwrap_or_else(|| "–".into())
-        };
-        let c = metric(scn, "chatserver", key);
-        let ratio = |l: &str| match (c, metric(scn, l, key)) {
-            (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
-            _ => "–".into(),
-        };
-        let verdict = match (key, c) {
-            (_, None) => String::new(),
-            ("rss_per_conn_bytes", Some(v)) => mark(v <= 2048.0),
-            ("conns_held", Some(v)) => {
-                mark(metric(scn, "chatserver", "conns_requested").is_some_and(|r| v >= r))
-            }
-            ("deliveries_per_s", Some(v)) => match metric(scn, "floor", key) {
-                Some(f) if f > 0.0 => mark(v / f >= 0.7),
+        let floor = metric_of(yard(scn, "floor"), key);
+        let baseline = metric_of(yard(scn, "baseline"), key);
+        let sqlite = metric_of(find(scn, "chatserver", Some("sqlite")), key);
+        let mut rows: Vec<Option<&str>> = stores
+            .iter()
+            .map(|s| s.as_deref())
+            .filter(|s| find(scn, "chatserver", *s).is_some())
+            .collect();
+        if rows.is_empty() {
+            rows.push(None); // the yardsticks alone
+        }
+        for store in rows {
+            let doc = find(scn, "chatserver", store);
+            let c = metric_of(doc, key);
+            let fmt = match key {
+                "delivered_fraction" | "within_deadline" => fmt_share,
+                "refused" | "failed" => fmt_count,
+                _ => fmt_num,
+            };
+            let cell = |v: Option<f64>| v.map(fmt).unwrap_or_else(|| "–".into());
+            let ratio = |b: Option<f64>| match (c, b) {
+                (Some(a), Some(b)) if b != 0.0 => fmt_ratio(a / b),
+                _ => "–".into(),
+            };
+            let own = |m: &str| metric_of(doc, m);
+            let once = doc.is_some_and(|d| d["details"]["once"] == true);
+            // One step at a fixed rate sustains nothing: its deliveries/s
+            // are what that step delivered.
+            let (what, target) = match (key, own("deadline_ms")) {
+                ("deliveries_per_s", _) if once => (
+                    "deliveries/s in the one step at a fixed rate".to_string(),
+                    "",
+                ),
+                ("within_deadline", Some(d)) => (
+                    format!("delivered within {} ms (--once)", fmt_num(d)),
+                    target,
+                ),
+                _ => (what.to_string(), target),
+            };
+            let verdict = match (key, c) {
+                (_, None) => String::new(),
+                ("rss_per_conn_bytes", Some(v)) => mark(v <= 2048.0),
+                ("conns_held", Some(v)) | ("joined", Some(v)) => {
+                    mark(own("conns_requested").is_some_and(|r| v >= r))
+                }
+                ("history_exact", Some(v)) => mark(own("joined").is_some_and(|j| v >= j)),
+                ("refused" | "failed", Some(v)) => mark(v == 0.0),
+                ("delivered_fraction", Some(v)) => mark(v >= 1.0),
+                ("deliveries_per_s", Some(_)) if once => String::new(),
+                ("deliveries_per_s", Some(v)) => match floor {
+                    Some(f) if f > 0.0 => mark(v / f >= 0.7),
+                    _ => String::new(),
+                },
+                ("p99_ms", Some(v)) if scn != "rest" => mark(v < 100.0),
+                ("of_bound", Some(v)) => mark(v >= 0.9),
+                ("rtt_p99_storm_ms" | "ping_p99_storm_ms", Some(v)) => mark(v < 5.0),
                 _ => String::new(),
-            },
-            ("p99_ms", Some(v)) if scn != "rest" => mark(v < 100.0),
-            ("of_bound", Some(v)) => mark(v >= 0.9),
-            ("rtt_p99_storm_ms" | "ping_p99_storm_ms", Some(v)) => mark(v < 5.0),
-            _ => String::new(),
-        };
-        let direction = if lower { " ↓" } else { "" };
-        let t = if target.is_empty() {
-            String::new()
-        } else {
-            format!("{target} {verdict}")
-        };
-        md.push_str(&format!(
-            "| {scn} | {what}{direction} | {} | {} | {} | {} | {} | {t} |\n",
-            cell("chatserver"),
-            cell("floor"),
-            cell("baseline"),
-            ratio("floor"),
-            ratio("baseline"),
-        ));
+            };
+            let direction = if lower { " ↓" } else { "" };
+            let t = if target.is_empty() {
+                String::new()
+            } else {
+                format!("{target} {verdict}")
+            };
+            let scn_cell = if once {
+                format!("{scn} --once")
+            } else {
+                scn.to_string()
+            };
+            let by_sqlite = if store == Some("sqlite") {
+                "–".to_string()
+            } else {
+                ratio(sqlite)
+            };
+            md.push_str(&format!(
+                "| {scn_cell} | {what}{direction} | {} | {} | {} | {} | {} | {} | {by_sqlite} | {t} |\n",
+                store.unwrap_or("–"),
+                cell(c),
+                cell(floor),
+                cell(baseline),
+                ratio(floor),
+                ratio(baseline),
+            ));
+        }
     }
-    md.push_str("\n↓: lower is better. Ratios are chatserver ÷ yardstick. \"–\": not measured or not applicable.\n");
+    md.push_str(
+        "\n↓: lower is better. Ratios are chatserver ÷ yardstick, and chatserver on this store \
+         ÷ chatserver on SQLite, from the same run. \"–\": not measured or not applicable.\n",
+    );
 
     // The ramps, step by step.
+    let mut targets: Vec<(String, Option<&str>)> = stores
+        .iter()
+        .map(|s| ("chatserver".to_string(), s.as_deref()))
+        .collect();
+    targets.push(("floor".into(), None));
+    targets.push(("baseline".into(), None));
     for scn in ["fanout", "many"] {
         let mut rows = String::new();
-        for label in ["chatserver", "floor", "baseline"] {
-            let Some(steps) = find(scn, label).and_then(|d| d["details"]["steps"].as_array())
-            else {
+        for (label, store) in &targets {
+            let doc = if label == "chatserver" {
+                find(scn, label, *store)
+            } else {
+                yard(scn, label)
+            };
+            let Some(steps) = doc.and_then(|d| d["details"]["steps"].as_array()) else {
                 continue;
+            };
+            let name = match store {
+                Some(s) => format!("{label} ({s})"),
+                None => label.clone(),
             };
             for s in steps {
                 rows.push_str(&format!(
-                    "| {label} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    "| {name} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} |\n",
                     fmt_num(s["rate_msgs"].as_f64().unwrap_or(0.0)),
                     fmt_num(s["deliveries_per_s"].as_f64().unwrap_or(0.0)),
                     s["received"],
@@ -278,8 +474,9 @@ pub fn report(dir: &str) -> Result<String, String> {
     for d in &docs {
         if let Some(ns) = d["notes"].as_array() {
             for n in ns {
+                let store = store_of(d).map(|s| format!(" ({s})")).unwrap_or_default();
                 notes.push_str(&format!(
-                    "- {} / {}: {}\n",
+                    "- {} / {}{store}: {}\n",
                     d["scenario"].as_str().unwrap_or("?"),
                     d["label"].as_str().unwrap_or("?"),
                     n.as_str().unwrap_or("")
@@ -296,6 +493,30 @@ pub fn report(dir: &str) -> Result<String, String> {
     }
     md.push_str("```\n");
     Ok(md)
+}
+
+/// A count: a whole number, never "0.00".
+fn fmt_count(v: f64) -> String {
+    if v.abs() >= 1000.0 {
+        fmt_num(v)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// A fraction as a percentage, rounded down (so 0.9996 is not 100 %).
+fn fmt_share(v: f64) -> String {
+    format!("{:.2} %", (v * 10_000.0).floor() / 100.0)
+}
+
+/// A ratio to two decimals, or to two significant digits when smaller.
+fn fmt_ratio(r: f64) -> String {
+    if r.abs() >= 0.1 || r == 0.0 {
+        format!("{r:.2}")
+    } else {
+        let digits = (1.0 - r.abs().log10().floor()) as usize;
+        format!("{r:.digits$}")
+    }
 }
 
 fn mark(ok: bool) -> String {

@@ -1,7 +1,8 @@
 //! Scenario `fanout`: S senders and M members in one room. A ramp of send
 //! rates (`ramp.rs`), every delivery counted, latency from the send time
 //! carried in the content; the figure is the highest rate (and its
-//! deliveries/s) with p99 under the limit and nothing lost.
+//! deliveries/s) with p99 under the limit and nothing lost; or, with
+//! `--once`, one step at a fixed rate (everything delivered?, its p99).
 //!
 //! Called by `main` for `loadgen fanout` (scripts/bench.sh runs it against
 //! each target). This file lays out the room over the worker processes; the

@@ -15,14 +15,8 @@ use crate::cli::Ctx;
 use crate::seed::seed_rooms;
 use crate::sys::rss_kib;
 use crate::workers::pool::{Joined, Pool};
-use crate::workers::{merge_status, ranges, status_json, Group, WorkerCmd};
+use crate::workers::{merge_status, procs_for, spread, status_json, WorkerCmd};
 use crate::Outcome;
-
-/// Worker processes for `conns` sockets (a process's descriptors and its
-/// share of the reading stay comfortable at 9,000).
-fn default_procs(conns: u64) -> usize {
-    (conns.div_ceil(9000) as usize).max(2)
-}
 
 pub fn run(ctx: &Ctx) -> Result<Outcome, String> {
     let o = &ctx.opts;
@@ -30,7 +24,7 @@ pub fn run(ctx: &Ctx) -> Result<Outcome, String> {
     let rooms: u64 = o.num("rooms", 100, 20).max(1);
     let seed: u32 = o.num("seed", 10, 5);
     let hold: f64 = o.num("hold", 10.0, 2.0);
-    let procs: usize = o.num("procs", default_procs(conns), default_procs(conns));
+    let procs: usize = o.num("procs", procs_for(conns), procs_for(conns));
     let names: Vec<String> = (0..rooms)
         .map(|r| format!("idle-{}-{r}", ctx.tag))
         .collect();
@@ -38,32 +32,7 @@ pub fn run(ctx: &Ctx) -> Result<Outcome, String> {
     std::thread::sleep(Duration::from_millis(500));
     let rss0 = ctx.pid.and_then(rss_kib);
 
-    let history = ctx.history(seed);
-    let mut named = 0u64;
-    let mut groups = Vec::new();
-    for (lo, hi) in ranges(conns, procs) {
-        let mut mine = Vec::new();
-        for (r, name) in names.iter().enumerate() {
-            let r = r as u64;
-            // connections i in lo..hi with i % rooms == r
-            let first = lo + (r + rooms - lo % rooms) % rooms;
-            if first >= hi {
-                continue;
-            }
-            let count = (hi - first).div_ceil(rooms) as u32;
-            let first_name = named;
-            named += count as u64;
-            mine.push(Group {
-                room: name.clone(),
-                prefix: "i".into(),
-                first: first_name,
-                count,
-                history,
-                senders: Vec::new(),
-            });
-        }
-        groups.push(mine);
-    }
+    let groups = spread(conns, &names, procs, "i", ctx.history(seed));
     let (mut pool, joined) = Pool::start(ctx, &groups, true, 64)?;
     let Joined {
         ok,

@@ -4,6 +4,7 @@
 
 pub mod fanout;
 pub mod idle;
+pub mod joinstorm;
 pub mod login;
 pub mod many;
 pub mod rest;

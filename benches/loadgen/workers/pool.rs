@@ -1,9 +1,10 @@
 //! The coordinator's side of the worker processes: start them and have
-//! their members join (`Pool::start`), send them commands, collect one
-//! answer of a kind from every worker.
+//! their members join (`Pool::start`), or arm them for a join storm
+//! (`Pool::arm`, then `Go`), send them commands, collect one answer of a
+//! kind from every worker.
 //!
-//! Used by the idle scenario and the ramp (`ramp.rs`); dropping the pool
-//! ends its workers (Quit, EOF, then a kill after 10 s).
+//! Used by the idle and joinstorm scenarios and the ramp (`ramp.rs`);
+//! dropping the pool ends its workers (Quit, EOF, then a kill after 10 s).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{Group, Spec, WorkerCmd, WorkerMsg};
+use super::{Group, Spec, StormSpec, WorkerCmd, WorkerMsg};
 use crate::cli::{Ctx, Kind};
 use crate::sys::cpu_secs;
 
@@ -58,6 +59,7 @@ impl Pool {
                 idle,
                 size,
                 groups: g.clone(),
+                storm: None,
             };
             pool.send(w, &spec)?;
         }
@@ -81,6 +83,35 @@ impl Pool {
             }
         }
         Ok((pool, joined))
+    }
+
+    /// One worker per entry of `groups`, each given its share of a join
+    /// storm and `concurrency` connect slots (its share of the storm's cap);
+    /// returns once every worker has answered `Armed`. Nothing is opened
+    /// before `Go`.
+    pub fn arm(
+        ctx: &Ctx,
+        groups: &[Vec<Group>],
+        storm: StormSpec,
+        concurrency: usize,
+        connect_timeout_s: f64,
+    ) -> Result<Pool, String> {
+        let mut pool = Pool::spawn(groups.len())?;
+        for (w, g) in groups.iter().enumerate() {
+            let spec = Spec {
+                addr: ctx.addr,
+                has_seq: ctx.kind != Kind::Floor,
+                concurrency,
+                connect_timeout_s,
+                idle: true,
+                size: 64,
+                groups: g.clone(),
+                storm: Some(storm),
+            };
+            pool.send(w, &spec)?;
+        }
+        pool.collect("armed", Duration::from_secs(30))?;
+        Ok(pool)
     }
 
     fn spawn(n: usize) -> Result<Pool, String> {

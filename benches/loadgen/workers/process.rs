@@ -3,7 +3,9 @@
 //! obey the coordinator's commands until Quit or EOF.
 //!
 //! Each connection is a task that reads and counts every frame and, if it
-//! is a sender, sends its share of each step's messages on schedule. A load
+//! is a sender, sends its share of each step's messages on schedule. A join
+//! storm's spec hands the opening to `storm.rs`; its sockets are then served
+//! here like any other. A load
 //! message's content is `L{step} {sender} {m} {send time ns} {padding}`, so
 //! the member that receives it can count it against its step and take its
 //! latency from the scheduled send time.
@@ -30,16 +32,19 @@ use crate::CONTENT;
 #[derive(Default)]
 struct StepStats {
     received: u64,
+    on_time: u64,
     last_ns: u64,
     hist: Hist,
 }
 
 /// Counts of the whole worker, shared by its connection tasks.
 #[derive(Default)]
-struct WState {
+pub(super) struct WState {
     steps: Vec<StepStats>,
     sent: Vec<u64>,
-    status: StatusReport,
+    pub(super) status: StatusReport,
+    /// The current step's `within_us`.
+    within_us: u64,
 }
 
 impl WState {
@@ -52,14 +57,14 @@ impl WState {
 }
 
 /// What every connection task of the worker shares.
-struct WCtx {
-    addr: SocketAddr,
-    has_seq: bool,
+pub(super) struct WCtx {
+    pub(super) addr: SocketAddr,
+    pub(super) has_seq: bool,
     idle: bool,
     pad: String,
-    connect_timeout: Duration,
-    state: RefCell<WState>,
-    sem: Semaphore,
+    pub(super) connect_timeout: Duration,
+    pub(super) state: RefCell<WState>,
+    pub(super) sem: Semaphore,
     plan: watch::Sender<Option<StepPlan>>,
     ready: tokio::sync::mpsc::UnboundedSender<Result<(), String>>,
     base_inst: tokio::time::Instant,
@@ -67,12 +72,12 @@ struct WCtx {
 }
 
 impl WCtx {
-    fn instant_of(&self, ns: u64) -> tokio::time::Instant {
+    pub(super) fn instant_of(&self, ns: u64) -> tokio::time::Instant {
         self.base_inst + Duration::from_nanos(ns.saturating_sub(self.base_ns))
     }
 }
 
-fn emit(msg: &WorkerMsg) {
+pub(super) fn emit(msg: &WorkerMsg) {
     let line = serde_json::to_string(msg).unwrap_or_default();
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
@@ -110,6 +115,48 @@ async fn worker_run(spec: Spec) {
         base_inst,
         base_ns,
     });
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    match spec.storm {
+        Some(storm) => super::storm::run(&w, &spec, storm, &mut lines).await,
+        None => join_all(&w, &spec, &mut ready_rx).await,
+    }
+    while let Ok(Some(line)) = lines.next_line().await {
+        let Ok(cmd) = serde_json::from_str::<WorkerCmd>(&line) else {
+            eprintln!("worker: bad command {line}");
+            continue;
+        };
+        match cmd {
+            WorkerCmd::Step(plan) => {
+                w.state.borrow_mut().within_us = plan.within_us;
+                w.plan.send_replace(Some(plan));
+                let rep = wait_step(&w, plan.step, plan.expected, plan.deadline_ns).await;
+                emit(&WorkerMsg::Step(rep));
+            }
+            WorkerCmd::Drain {
+                step,
+                expected,
+                deadline_ns,
+            } => {
+                let rep = wait_step(&w, step, expected, deadline_ns).await;
+                emit(&WorkerMsg::Step(rep));
+            }
+            WorkerCmd::Status => {
+                let s = w.state.borrow().status.clone();
+                emit(&WorkerMsg::Status(s));
+            }
+            WorkerCmd::Go { .. } => eprintln!("worker: Go outside a join storm"),
+            WorkerCmd::Quit => break,
+        }
+    }
+}
+
+/// Open every connection of the spec (a bounded number of handshakes at a
+/// time) and report `Ready` once each has joined or failed.
+async fn join_all(
+    w: &Rc<WCtx>,
+    spec: &Spec,
+    ready_rx: &mut tokio::sync::mpsc::UnboundedReceiver<Result<(), String>>,
+) {
     let started = Instant::now();
     let mut total = 0u64;
     for g in &spec.groups {
@@ -147,34 +194,6 @@ async fn worker_run(spec: Spec) {
         secs: started.elapsed().as_secs_f64(),
         error,
     });
-
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let Ok(cmd) = serde_json::from_str::<WorkerCmd>(&line) else {
-            eprintln!("worker: bad command {line}");
-            continue;
-        };
-        match cmd {
-            WorkerCmd::Step(plan) => {
-                w.plan.send_replace(Some(plan));
-                let rep = wait_step(&w, plan.step, plan.expected, plan.deadline_ns).await;
-                emit(&WorkerMsg::Step(rep));
-            }
-            WorkerCmd::Drain {
-                step,
-                expected,
-                deadline_ns,
-            } => {
-                let rep = wait_step(&w, step, expected, deadline_ns).await;
-                emit(&WorkerMsg::Step(rep));
-            }
-            WorkerCmd::Status => {
-                let s = w.state.borrow().status.clone();
-                emit(&WorkerMsg::Status(s));
-            }
-            WorkerCmd::Quit => break,
-        }
-    }
 }
 
 /// Wait until step `k` has `expected` deliveries or the deadline passes.
@@ -197,6 +216,7 @@ async fn wait_step(w: &WCtx, step: u32, expected: u64, deadline_ns: u64) -> Step
         last_ns: s.last_ns,
         max_us: s.hist.max,
         hist: s.hist.sparse(),
+        on_time: s.on_time,
     }
 }
 
@@ -237,6 +257,7 @@ async fn join(w: &WCtx, path: &str, history: u32) -> Result<(WsConn, i64), Strin
 
 /// Account for one text frame.
 fn on_text(st: &mut WState, has_seq: bool, p: &[u8], now: u64, last_seq: &mut i64) {
+    st.status.live_frames += 1;
     if has_seq {
         if let Some(seq) = field_seq(p) {
             if seq <= *last_seq {
@@ -252,10 +273,15 @@ fn on_text(st: &mut WState, has_seq: bool, p: &[u8], now: u64, last_seq: &mut i6
             let step = it.next().and_then(parse_u64);
             let t = it.nth(2).and_then(parse_u64);
             if let (Some(step), Some(t)) = (step, t) {
+                let within = st.within_us;
                 let s = st.step(step as usize);
+                let us = now.saturating_sub(t) / 1000;
                 s.received += 1;
+                if within > 0 && us <= within {
+                    s.on_time += 1;
+                }
                 s.last_ns = s.last_ns.max(now);
-                s.hist.record(now.saturating_sub(t) / 1000);
+                s.hist.record(us);
             }
         }
         Some(_) => {}
@@ -285,7 +311,7 @@ async fn conn_task(w: Rc<WCtx>, path: String, history: u32, sender: Option<u64>)
     let permit = w.sem.acquire().await.ok();
     let joined = tokio::time::timeout(w.connect_timeout, join(&w, &path, history)).await;
     drop(permit);
-    let (mut c, mut last_seq) = match joined {
+    let (c, last_seq) = match joined {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             let _ = w.ready.send(Err(e));
@@ -298,8 +324,14 @@ async fn conn_task(w: Rc<WCtx>, path: String, history: u32, sender: Option<u64>)
             return;
         }
     };
-    w.state.borrow_mut().status.alive += 1;
     let _ = w.ready.send(Ok(()));
+    serve(w, c, last_seq, sender).await;
+}
+
+/// A joined connection until it closes: read and count every frame, answer
+/// pings, and send this sender's share of each step.
+pub(super) async fn serve(w: Rc<WCtx>, mut c: WsConn, mut last_seq: i64, sender: Option<u64>) {
+    w.state.borrow_mut().status.alive += 1;
     if w.idle {
         c.release();
     }
