@@ -16,6 +16,19 @@
 //! insert stops at the clash and the rest is retried above the new highest
 //! `seq`. Several processes can therefore write to one room at once and every
 //! message still gets a distinct number in one order.
+//!
+//! The next number comes from the room document, not from the messages:
+//! each room document this server writes carries `last_seq`, raised (never
+//! lowered) by every write to at least the highest number it stored, in the
+//! same command that checks the room still exists. It is a guess like any
+//! other: too low (a write in flight elsewhere, or one whose raise was lost)
+//! costs a clash and a retry above the highest stored `seq`. Its presence
+//! also says the room's legacy messages are numbered. So a write reads the
+//! room documents it needs (one query for all its rooms), inserts, and
+//! raises their `last_seq` (one command): it never queries the messages
+//! unless it clashed, or the room has no `last_seq` yet (a room of the Go
+//! original or of an earlier version of this server, once). Which query
+//! uses which index, and what FerretDB makes of each: docs/STORE_QUERIES.md.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -115,6 +128,42 @@ fn seq_after(room: &str, last: i64) -> StoreResult<i64> {
         )));
     }
     Ok(last + 1)
+}
+
+/// The room document's field holding (at least) the highest `seq` written
+/// to the room; see the module comment.
+const LAST_SEQ: &str = "last_seq";
+
+/// A `seq` condition matching every numeric `seq`, and no string one a
+/// legacy database may hold: a plain range, which MongoDB answers from the
+/// `(room_id, seq)` index (a range implies the partial index's `$exists`).
+fn any_number() -> Document {
+    doc! { "$gte": i64::MIN }
+}
+
+/// What a multi-room insert wrote: the document ids, which of them each
+/// room's batch has (by index in the batches), and each room's last number.
+struct Written<'a> {
+    ids: &'a [ObjectId],
+    spans: &'a [(usize, std::ops::Range<usize>)],
+    tops: &'a [(&'a str, &'a Bson, i64)],
+}
+
+/// What a write needs of a room document: which room of that name it is
+/// (`_id`: a room deleted and created again has a new one), and its
+/// `last_seq` when it has one.
+struct RoomHead {
+    key: Bson,
+    last_seq: Option<i64>,
+}
+
+impl RoomHead {
+    fn from_doc(d: &Document) -> Option<RoomHead> {
+        Some(RoomHead {
+            key: d.get("_id")?.clone(),
+            last_seq: int_field(d, LAST_SEQ),
+        })
+    }
 }
 
 fn is_duplicate(e: &MongoError) -> bool {
@@ -386,44 +435,106 @@ impl MongoStore {
             .map_err(unavailable)
     }
 
-    /// The `_id` of the room document named `name`: which room of that
-    /// name this is (the first in the collection's order, should a legacy
-    /// database hold several; not sorted, because a sort makes FerretDB read
-    /// every room where it otherwise stops at the first match, which cost a
-    /// write per room 39 % of its rate).
-    fn room_key(&self, name: &str) -> StoreResult<Option<Bson>> {
-        first_id(&self.rooms, doc! { "name": name })
+    /// The room document named `name`, as a write needs it: which room of
+    /// that name this is (the first in the collection's order, should a
+    /// legacy database hold several; not sorted, because a sort makes
+    /// FerretDB read every room where it otherwise stops at the first
+    /// match, which cost a write per room 39 % of its rate).
+    fn room_head(&self, name: &str) -> StoreResult<Option<RoomHead>> {
+        let d = self
+            .rooms
+            .find_one(doc! { "name": name })
+            .projection(doc! { "_id": 1, LAST_SEQ: 1 })
+            .run()
+            .map_err(unavailable)?;
+        Ok(d.as_ref().and_then(RoomHead::from_doc))
     }
 
-    /// Highest `seq` stored in a room (0 when none).
+    /// Highest `seq` stored in a room (0 when none). Only numbers count: a
+    /// legacy document with, say, a string seq would sort above them all.
+    /// Off the write path: a write asks only after a clash, or for a room
+    /// without `last_seq`.
     fn max_seq(&self, room: &str) -> StoreResult<i64> {
         let top = self
             .messages
-            // Only numbers count: a legacy document with, say, a string seq
-            // would sort above them all and read as 0.
-            .find_one(doc! { "room_id": room, "seq": { "$type": ["int", "long", "double"] } })
+            .find_one(doc! { "room_id": room, "seq": any_number() })
             .sort(doc! { "seq": -1 })
-            .projection(doc! { "seq": 1 })
+            .projection(doc! { "seq": 1, "_id": 0 })
             .run()
             .map_err(unavailable)?;
         Ok(top.and_then(|d| int_field(&d, "seq")).unwrap_or(0))
     }
 
-    /// The seq a new message of `room` (the room document `key`) should
-    /// get: after the highest this process knows for that room document,
-    /// else after the highest stored.
-    fn next_seq(&self, room: &str, key: &Bson) -> StoreResult<i64> {
+    /// The seq a new message of `room` (its document `head`) should get:
+    /// after the highest of what this process knows for that room document
+    /// and the document's `last_seq`; after the highest stored when neither
+    /// is known. Also says whether this process knows a higher number than
+    /// `last_seq` (it retired the numbers of a failed write and could not
+    /// raise `last_seq` then): the write raises it before inserting, so that
+    /// no other process numbers below what this one is about to store.
+    fn next_seq(&self, room: &str, head: &RoomHead) -> StoreResult<(i64, bool)> {
         let known = self
             .last_seq
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(room)
-            .and_then(|(k, seq)| (k == key).then_some(*seq));
-        let last = match known {
+            .and_then(|(k, seq)| (*k == head.key).then_some(*seq));
+        let last = match known.max(head.last_seq) {
             Some(s) => s,
             None => self.max_seq(room)?,
         };
-        seq_after(room, last)
+        let behind = matches!((known, head.last_seq), (Some(k), Some(l)) if k > l);
+        Ok((seq_after(room, last)?, behind))
+    }
+
+    /// Raise the `last_seq` of each room document (by `_id`) to at least the
+    /// number given, in one command. Returns how many of the documents
+    /// exist: a write's proof that its rooms were not deleted meanwhile.
+    fn settle(&self, rooms: &[(&Bson, i64)]) -> StoreResult<u64> {
+        if rooms.is_empty() {
+            return Ok(0);
+        }
+        let updates: Vec<Document> = rooms
+            .iter()
+            .map(|(key, top)| {
+                doc! {
+                    "q": { "_id": (*key).clone() },
+                    "u": { "$max": { LAST_SEQ: *top } },
+                }
+            })
+            .collect();
+        let reply = self
+            .db
+            .run_command(doc! {
+                "update": self.rooms.name(),
+                "updates": updates,
+                "ordered": false,
+            })
+            .run()
+            .map_err(unavailable)?;
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            if let Some(first) = errors.first() {
+                return Err(StoreError::Unavailable(format!(
+                    "raising last_seq of {} rooms failed: {first}",
+                    errors.len()
+                )));
+            }
+        }
+        Ok(int_field(&reply, "n").map_or(0, |n| n.max(0) as u64))
+    }
+
+    /// Numbers up to `top` of a write that failed are not given out again:
+    /// this process remembers them, and `last_seq` is raised over them
+    /// (best effort: when that fails too, this process's next write raises
+    /// it first, see `next_seq`).
+    fn retire(&self, rooms: &[(&str, &Bson, i64)]) {
+        for (room, key, top) in rooms {
+            self.remember_seq(room, key, *top);
+        }
+        let raise: Vec<(&Bson, i64)> = rooms.iter().map(|(_, k, t)| (*k, *t)).collect();
+        if let Err(e) = self.settle(&raise) {
+            log::warn!("could not raise last_seq over the numbers of a failed write: {e}");
+        }
     }
 
     fn remember_seq(&self, room: &str, key: &Bson, seq: i64) {
@@ -452,16 +563,34 @@ impl MongoStore {
     /// several processes at once: each document is numbered at most once
     /// (the update only matches it while it has no seq), and the unique
     /// index settles who gets which number.
+    ///
+    /// A room document with `last_seq` says its room is numbered, so after
+    /// the first time (in any process) this is a look at the room document,
+    /// and after the first time in this process nothing at all.
     fn number_legacy(&self, room: &str) -> StoreResult<()> {
-        self.number_legacy_or_wait(room, false)
+        self.number_legacy_or_wait(room, false, false)
+    }
+
+    /// `number_legacy` for a room whose document the caller has read:
+    /// nothing to ask when it has `last_seq`.
+    fn number_legacy_given(&self, room: &str, last_seq: Option<i64>) -> StoreResult<()> {
+        if last_seq.is_none() {
+            return self.number_legacy(room);
+        }
+        self.numbered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(room.to_owned());
+        Ok(())
     }
 
     /// `number_legacy`; while another thread numbers the room, wait for it
     /// (`wait`), or for at most `NUMBERING_WAIT` and then answer
     /// "unavailable", so that calls for a room of many legacy messages do
     /// not hold every store thread meanwhile, while a small room's numbering
-    /// (a fraction of a second) is simply waited for.
-    fn number_legacy_or_wait(&self, room: &str, wait: bool) -> StoreResult<()> {
+    /// (a fraction of a second) is simply waited for. `scan`: look at the
+    /// messages even when the room document says they are numbered.
+    fn number_legacy_or_wait(&self, room: &str, wait: bool, scan: bool) -> StoreResult<()> {
         const NUMBERING_WAIT: Duration = Duration::from_secs(1);
         let is_numbered = || {
             self.numbered
@@ -494,7 +623,7 @@ impl MongoStore {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let result = self.number_legacy_now(room);
+        let result = self.number_legacy_now(room, scan);
         self.numbering
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -502,9 +631,12 @@ impl MongoStore {
         result
     }
 
-    /// Number every room's legacy messages; run once the database answers
-    /// after start, so that users seldom meet a room's first numbering.
-    /// Returns how many rooms had legacy messages.
+    /// Number every room's legacy messages, and give every room document
+    /// without `last_seq` one; run once the database answers after start,
+    /// so that joins and writes seldom meet a room's first numbering (the
+    /// queries on the messages it takes cannot use an index on FerretDB;
+    /// see docs/STORE_QUERIES.md). Returns how many rooms had legacy
+    /// messages.
     pub fn number_all_legacy(&self) -> StoreResult<usize> {
         let rooms = self
             .messages
@@ -513,14 +645,36 @@ impl MongoStore {
             .map_err(unavailable)?;
         let mut n = 0;
         for room in rooms.iter().filter_map(Bson::as_str) {
-            self.number_legacy_or_wait(room, true)?;
+            self.number_legacy_or_wait(room, true, true)?;
             n += 1;
+        }
+        let unmarked: Vec<String> = self
+            .rooms
+            .find(doc! { LAST_SEQ: { "$exists": false } })
+            .projection(doc! { "name": 1, "_id": 0 })
+            .run()
+            .map_err(unavailable)?
+            .map(|d| d.map(|d| str_field(&d, "name")))
+            .collect::<Result<_, _>>()
+            .map_err(unavailable)?;
+        for room in &unmarked {
+            self.number_legacy_or_wait(room, true, false)?;
         }
         Ok(n)
     }
 
-    /// The work of `number_legacy`, under its lock.
-    fn number_legacy_now(&self, room: &str) -> StoreResult<()> {
+    /// The work of `number_legacy`, under its lock. Ends by giving the room
+    /// document `last_seq` (the highest `seq` stored), which tells every
+    /// process the room is numbered.
+    fn number_legacy_now(&self, room: &str, scan: bool) -> StoreResult<()> {
+        let head = self.room_head(room)?;
+        if !scan && head.as_ref().is_some_and(|h| h.last_seq.is_some()) {
+            self.numbered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(room.to_owned());
+            return Ok(());
+        }
         let legacy: Vec<Bson> = self
             .messages
             .find(doc! { "room_id": room, "seq": { "$exists": false } })
@@ -546,6 +700,11 @@ impl MongoStore {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(room);
+        }
+        if let Some(head) = head {
+            let top = self.max_seq(room)?;
+            self.settle(&[(&head.key, top)])?;
+            self.remember_seq(room, &head.key, top);
         }
         self.numbered
             .lock()
@@ -639,63 +798,79 @@ impl MongoStore {
         }
     }
 
+    /// A new room's document: the original's fields, and `last_seq` 0 (a
+    /// new room has no legacy messages to number).
     fn room_document(room: &Room) -> Document {
         doc! {
             "name": &room.name,
             "creator": &room.creator,
             "created_at": DateTime::from_millis(room.created_at),
+            LAST_SEQ: 0_i64,
         }
     }
 
-    /// The names among `names` that have a room document, with its `_id`
-    /// as `room_key` gives it (one query).
-    fn existing_rooms(&self, names: &[&str]) -> StoreResult<HashMap<String, Bson>> {
+    /// The names among `names` that have a room document, with the document
+    /// as `room_head` gives it (one query).
+    fn existing_rooms(&self, names: &[&str]) -> StoreResult<HashMap<String, RoomHead>> {
         let cursor = self
             .rooms
             .find(doc! { "name": { "$in": names.to_vec() } })
-            .projection(doc! { "name": 1, "_id": 1 })
+            .projection(doc! { "name": 1, "_id": 1, LAST_SEQ: 1 })
             .run()
             .map_err(unavailable)?;
         let mut found = HashMap::new();
         for d in cursor {
             let d = d.map_err(unavailable)?;
-            if let (Ok(name), Some(id)) = (d.get_str("name"), d.get("_id")) {
-                found.entry(name.to_owned()).or_insert_with(|| id.clone());
+            if let (Ok(name), Some(head)) = (d.get_str("name"), RoomHead::from_doc(&d)) {
+                found.entry(name.to_owned()).or_insert(head);
             }
         }
         Ok(found)
     }
 
-    /// The one-insert path of `append_many` (room names are distinct).
-    /// `Ok(None)`: a numbering clash; nothing of this call is left stored
-    /// and the caller writes room by room instead.
+    /// The one-insert path of `append_many` (room names are distinct):
+    /// one query for the room documents, one `insert_many`, one command
+    /// raising the rooms' `last_seq` (which also proves they still exist),
+    /// however many rooms. Only a room without `last_seq` (once per room)
+    /// costs queries of its own. `Ok(None)`: a numbering clash; nothing of
+    /// this call is left stored and the caller writes room by room instead.
     fn append_together(
         &self,
         batches: &[RoomBatch],
     ) -> StoreResult<Option<Vec<StoreResult<Vec<StoredMessage>>>>> {
         self.ensure_prepared()?;
         let names: Vec<&str> = batches.iter().map(|b| b.room.as_str()).collect();
-        let existing = self.existing_rooms(&names)?;
+        let heads = self.existing_rooms(&names)?;
         let mut results: Vec<StoreResult<Vec<StoredMessage>>> = Vec::with_capacity(batches.len());
         let mut docs: Vec<Document> = Vec::new();
         let mut ids: Vec<ObjectId> = Vec::new();
+        // Which of `ids` each written batch has (by index in `batches`).
+        let mut spans: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        // Rooms whose last_seq is below what this process retired.
+        let mut behind: Vec<(&Bson, i64)> = Vec::new();
         for b in batches {
-            let Some(key) = existing.get(&b.room) else {
+            let Some(head) = heads.get(&b.room) else {
                 results.push(Err(StoreError::NoSuchRoom));
                 continue;
             };
-            if let Err(e) = self.number_legacy(&b.room) {
+            if let Err(e) = self.number_legacy_given(&b.room, head.last_seq) {
                 results.push(Err(e));
                 continue;
             }
-            let next = match self.next_seq(&b.room, key) {
-                Ok(n) => n,
+            let next = match self.next_seq(&b.room, head) {
+                Ok((n, lags)) => {
+                    if lags {
+                        behind.push((&head.key, n - 1));
+                    }
+                    n
+                }
                 Err(e) => {
                     results.push(Err(e));
                     continue;
                 }
             };
             let mut stored = Vec::with_capacity(b.messages.len());
+            let first = ids.len();
             for (i, m) in b.messages.iter().enumerate() {
                 let id = ObjectId::new();
                 let seq = next + i as i64;
@@ -703,20 +878,22 @@ impl MongoStore {
                 docs.push(message_doc(id, &b.room, m, seq));
                 stored.push(m.stored(&b.room, seq));
             }
+            spans.push((results.len(), first..ids.len()));
             results.push(Ok(stored));
         }
         if docs.is_empty() {
             return Ok(Some(results));
         }
-        // Numbers of a failed write are not given out again (`take_back`).
-        let retire_numbers = |results: &[StoreResult<Vec<StoredMessage>>]| {
-            for (b, r) in batches.iter().zip(results) {
-                let last = r.as_ref().ok().and_then(|s| s.last());
-                if let (Some(last), Some(key)) = (last, existing.get(&b.room)) {
-                    self.remember_seq(&b.room, key, last.seq);
-                }
-            }
-        };
+        self.settle(&behind)?;
+        // Each room's last number in this write.
+        let tops: Vec<(&str, &Bson, i64)> = batches
+            .iter()
+            .zip(&results)
+            .filter_map(|(b, r)| {
+                let last = r.as_ref().ok()?.last()?;
+                Some((b.room.as_str(), &heads.get(&b.room)?.key, last.seq))
+            })
+            .collect();
         if let Err(e) = self.messages.insert_many(docs).ordered(true).run() {
             // Whatever went in before the failure comes back out, so no room
             // keeps part of this write; after a clash the caller writes room
@@ -728,47 +905,67 @@ impl MongoStore {
             if is_duplicate(&e) && clean {
                 return Ok(None);
             }
-            retire_numbers(&results);
+            self.retire(&tops);
             return Err(unavailable(e));
         }
-        match self.confirm_rooms(batches, &names, &existing, &mut results) {
+        let written = Written {
+            ids: &ids,
+            spans: &spans,
+            tops: &tops,
+        };
+        match self.confirm_rooms(batches, &names, &written, &heads, &mut results) {
             Ok(()) => Ok(Some(results)),
             Err(e) => {
                 let _ = self.take_back(&ids);
-                retire_numbers(&results);
+                self.retire(&tops);
                 Err(e)
             }
         }
     }
 
-    /// After a multi-room insert: a room deleted (or deleted and created
-    /// again) while it was written loses what was written into it, as in
-    /// `append_messages`; the others remember their new numbers.
+    /// After a multi-room insert: raise the rooms' `last_seq` to what was
+    /// written, which proves they still exist (one command). A room deleted
+    /// (or deleted and created again) while it was written loses what was
+    /// written into it, as in `append_messages`; the others remember their
+    /// new numbers.
     fn confirm_rooms(
         &self,
         batches: &[RoomBatch],
         names: &[&str],
-        before: &HashMap<String, Bson>,
+        written: &Written,
+        before: &HashMap<String, RoomHead>,
         results: &mut [StoreResult<Vec<StoredMessage>>],
     ) -> StoreResult<()> {
+        let raise: Vec<(&Bson, i64)> = written.tops.iter().map(|(_, k, t)| (*k, *t)).collect();
+        let found = self.settle(&raise)?;
+        if found == raise.len() as u64 {
+            for (room, key, top) in written.tops {
+                self.remember_seq(room, key, *top);
+            }
+            return Ok(());
+        }
+        // Some room is gone: which (a second query, only now).
         let still = self.existing_rooms(names)?;
-        for (b, r) in batches.iter().zip(results.iter_mut()) {
+        for (i, span) in written.spans {
+            let (b, r) = (&batches[*i], &mut results[*i]);
             let Ok(stored) = r else {
                 continue;
             };
             let Some(last) = stored.last() else {
                 continue;
             };
-            if let Some(key) = still
-                .get(&b.room)
-                .filter(|k| before.get(&b.room) == Some(*k))
-            {
-                self.remember_seq(&b.room, key, last.seq);
+            let key = before.get(&b.room).map(|h| &h.key);
+            if key.is_some() && still.get(&b.room).map(|h| &h.key) == key {
+                if let Some(key) = key {
+                    self.remember_seq(&b.room, key, last.seq);
+                }
                 continue;
             }
-            let seqs: Vec<i64> = stored.iter().map(|m| m.seq).collect();
+            // By `_id`: a room of that name created again meanwhile may
+            // hold the same numbers.
+            let ids = written.ids[span.clone()].to_vec();
             self.messages
-                .delete_many(doc! { "room_id": &b.room, "seq": { "$in": seqs } })
+                .delete_many(doc! { "_id": { "$in": ids } })
                 .run()
                 .map_err(unavailable)?;
             self.forget_room(&b.room);
@@ -784,12 +981,16 @@ impl MongoStore {
     fn insert_numbered(
         &self,
         room: &str,
-        key: &Bson,
+        head: &RoomHead,
         batch: &[NewMessage],
         sent: &mut Vec<ObjectId>,
         top: &mut i64,
     ) -> StoreResult<Vec<StoredMessage>> {
-        let mut next = self.next_seq(room, key)?;
+        let key = &head.key;
+        let (mut next, behind) = self.next_seq(room, head)?;
+        if behind {
+            self.settle(&[(key, next - 1)])?;
+        }
         let mut stored: Vec<StoredMessage> = Vec::with_capacity(batch.len());
         let mut rest = batch;
         let mut attempts = 0;
@@ -845,7 +1046,8 @@ impl MongoStore {
         // A delete may have removed the room while the batch was written
         // (and another process may have created a new one of that name):
         // the caller takes the batch back out so nothing outlives its room.
-        if self.room_key(room)?.as_ref() != Some(key) {
+        // Raising last_seq on that room document (by `_id`) tells.
+        if self.settle(&[(key, next - 1)])? == 0 {
             return Err(StoreError::NoSuchRoom);
         }
         self.remember_seq(room, key, next - 1);
@@ -984,7 +1186,7 @@ impl Store for MongoStore {
         let stored = self
             .room_doc(&room.name)?
             .ok_or_else(|| StoreError::Unavailable("room vanished while being created".into()))?;
-        self.number_legacy(&room.name)?;
+        self.number_legacy_given(&room.name, int_field(&stored, LAST_SEQ))?;
         Ok(room_from_doc(&stored))
     }
 
@@ -1035,13 +1237,13 @@ impl Store for MongoStore {
             return Ok(Vec::new());
         }
         self.ensure_prepared()?;
-        let Some(key) = self.room_key(room)? else {
+        let Some(head) = self.room_head(room)? else {
             return Err(StoreError::NoSuchRoom);
         };
-        self.number_legacy(room)?;
+        self.number_legacy_given(room, head.last_seq)?;
         let mut sent = Vec::with_capacity(batch.len());
         let mut top = 0;
-        let outcome = self.insert_numbered(room, &key, batch, &mut sent, &mut top);
+        let outcome = self.insert_numbered(room, &head, batch, &mut sent, &mut top);
         match &outcome {
             Ok(_) => {}
             Err(_) if sent.is_empty() => {}
@@ -1051,15 +1253,16 @@ impl Store for MongoStore {
             }
             Err(_) => {
                 let _ = self.take_back(&sent);
-                self.remember_seq(room, &key, top);
+                self.retire(&[(room, &head.key, top)]);
             }
         }
         outcome
     }
 
-    /// Several rooms in one insert: one query for the rooms, one
-    /// `insert_many` for every room's messages, one query to confirm the
-    /// rooms are still there, whatever the number of rooms. A numbering clash
+    /// Several rooms in one insert: one query for the room documents, one
+    /// `insert_many` for every room's messages, one command raising their
+    /// `last_seq` that also confirms the rooms are still there, whatever the
+    /// number of rooms (see `append_together`). A numbering clash
     /// (another process wrote into one of the rooms) takes this write's
     /// documents back out and stores room by room, where clashes are retried.
     fn append_many(&self, batches: &[RoomBatch]) -> Vec<StoreResult<Vec<StoredMessage>>> {
@@ -1081,6 +1284,10 @@ impl Store for MongoStore {
         limit: usize,
     ) -> StoreResult<Vec<StoredMessage>> {
         self.number_legacy(room)?;
+        // Both answered from the (room_id, seq) index on MongoDB: equality,
+        // then a range (`$exists` is the partial index's own filter, so it
+        // qualifies too; unlike a numeric range it keeps a legacy string
+        // seq in the history, as before).
         let filter = match before {
             Some(b) => doc! { "room_id": room, "seq": { "$lt": b } },
             None => doc! { "room_id": room, "seq": { "$exists": true } },
