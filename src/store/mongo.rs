@@ -17,18 +17,23 @@
 //! `seq`. Several processes can therefore write to one room at once and every
 //! message still gets a distinct number in one order.
 //!
-//! The next number comes from the room document, not from the messages:
-//! each room document this server writes carries `last_seq`, raised (never
-//! lowered) by every write to at least the highest number it stored, in the
-//! same command that checks the room still exists. It is a guess like any
-//! other: too low (a write in flight elsewhere, or one whose raise was lost)
-//! costs a clash and a retry above the highest stored `seq`. Its presence
-//! also says the room's legacy messages are numbered. So a write reads the
-//! room documents it needs (one query for all its rooms), inserts, and
-//! raises their `last_seq` (one command): it never queries the messages
-//! unless it clashed, or the room has no `last_seq` yet (a room of the Go
-//! original or of an earlier version of this server, once). Which query
-//! uses which index, and what FerretDB makes of each: docs/STORE_QUERIES.md.
+//! Where numbering goes on is known without asking the messages: from what
+//! this process wrote, and otherwise from the room document's `last_seq`
+//! (this server's extension of the original's room document). A write
+//! raises `last_seq` (never lowers it) to the highest number it stored: a
+//! room's first write in a process, then at most once a second while the
+//! room is busy (`RAISE_EVERY`), and at once over the numbers of a failed
+//! write. It is a guess like any other: too low (writes of the last second
+//! in another process, or a raise that was lost) costs a clash and a retry
+//! above the highest stored `seq`. Its presence also says the room's legacy
+//! messages are numbered. So a write reads the room documents it needs
+//! (one query for all its rooms), inserts, and checks its rooms still exist
+//! (one query, or the command raising `last_seq`, or both): at most four
+//! commands whatever the number of rooms, none of them on the messages but
+//! the insert, unless it clashed or a room has no `last_seq` yet (a room of
+//! the Go original or of an earlier version of this server, once). Which
+//! query uses which index, and what FerretDB makes of each:
+//! docs/STORE_QUERIES.md.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -85,13 +90,35 @@ pub struct MongoStore {
     /// arriving meanwhile wait for the check, and for the numbering only
     /// when told to.
     numbering: Mutex<HashMap<String, bool>>,
-    /// Highest `seq` this process knows per room, with the `_id` of the
-    /// room document it belongs to: a guess that saves a query per batch; a
-    /// guess too low costs one retry. A room deleted and created again by
-    /// another process has a new `_id`, so the guess of the old room (too
-    /// high, which no clash would reveal) is not used for it.
-    last_seq: Mutex<HashMap<String, (Bson, i64)>>,
+    /// What this process knows of each room's numbering: the highest `seq`
+    /// it stored or retired, for the room document (`_id`) it belongs to (a
+    /// room deleted and created again by another process has a new `_id`,
+    /// so the guess of the old room, too high, which no clash would reveal,
+    /// is not used for it), and how far it raised that document's
+    /// `last_seq`.
+    last_seq: Mutex<HashMap<String, Known>>,
 }
+
+/// One room's entry in `MongoStore::last_seq`.
+struct Known {
+    key: Bson,
+    /// Highest number this process stored or retired in the room.
+    seq: i64,
+    /// Highest `last_seq` this process raised the document to, and when.
+    raised: Option<(i64, Instant)>,
+    /// Highest number of a failed write that the document's `last_seq` may
+    /// not cover yet: raised before this process stores above it.
+    retired: Option<i64>,
+}
+
+/// How often a busy room's `last_seq` is raised by this process's writes
+/// (a room's first write in this process always raises it). Raising costs a
+/// write on the room document, which FerretDB makes its own transaction
+/// (about a millisecond per room on a laptop disk): on every write it would
+/// take a 64-room write from one transaction to 65. So `last_seq` may lag
+/// this process's writes by up to this long; another process (or this one
+/// restarted) then clashes once on that room and reads its highest `seq`.
+const RAISE_EVERY: Duration = Duration::from_secs(1);
 
 fn unavailable(e: MongoError) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -468,23 +495,71 @@ impl MongoStore {
     /// The seq a new message of `room` (its document `head`) should get:
     /// after the highest of what this process knows for that room document
     /// and the document's `last_seq`; after the highest stored when neither
-    /// is known. Also says whether this process knows a higher number than
-    /// `last_seq` (it retired the numbers of a failed write and could not
-    /// raise `last_seq` then): the write raises it before inserting, so that
-    /// no other process numbers below what this one is about to store.
-    fn next_seq(&self, room: &str, head: &RoomHead) -> StoreResult<(i64, bool)> {
-        let known = self
+    /// is known. Also the number `last_seq` must be raised to before the
+    /// write inserts, if any: this process retired the numbers of a failed
+    /// write above it and could not raise it then. Numbers retired, and so
+    /// not stored, below numbers stored are the one gap a `last_seq` too low
+    /// would not reveal by a clash: another process would number into it,
+    /// below messages already seen.
+    fn next_seq(&self, room: &str, head: &RoomHead) -> StoreResult<(i64, Option<i64>)> {
+        let (known, retired) = self
             .last_seq
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(room)
-            .and_then(|(k, seq)| (*k == head.key).then_some(*seq));
+            .filter(|k| k.key == head.key)
+            .map_or((None, None), |k| (Some(k.seq), k.retired));
         let last = match known.max(head.last_seq) {
             Some(s) => s,
             None => self.max_seq(room)?,
         };
-        let behind = matches!((known, head.last_seq), (Some(k), Some(l)) if k > l);
-        Ok((seq_after(room, last)?, behind))
+        let raise_first = retired.filter(|r| head.last_seq.is_none_or(|l| l < *r));
+        Ok((seq_after(room, last)?, raise_first))
+    }
+
+    /// Whether a write that stored up to `top` in `room` should raise the
+    /// room document's `last_seq` now (see `RAISE_EVERY`).
+    fn raise_due(&self, room: &str, key: &Bson, top: i64) -> bool {
+        let map = self.last_seq.lock().unwrap_or_else(|p| p.into_inner());
+        match map
+            .get(room)
+            .filter(|k| k.key == *key)
+            .and_then(|k| k.raised)
+        {
+            None => true,
+            Some((raised, at)) => top > raised && at.elapsed() >= RAISE_EVERY,
+        }
+    }
+
+    /// `settle` succeeded for these rooms: their documents' `last_seq` is at
+    /// least what was given.
+    fn note_raised(&self, rooms: &[(&str, &Bson, i64)]) {
+        let now = Instant::now();
+        let mut map = self.last_seq.lock().unwrap_or_else(|p| p.into_inner());
+        for (room, key, top) in rooms {
+            let k = match map.get_mut(*room) {
+                Some(k) if k.key == **key => k,
+                _ => {
+                    map.insert(
+                        (*room).to_owned(),
+                        Known {
+                            key: (*key).clone(),
+                            seq: *top,
+                            raised: None,
+                            retired: None,
+                        },
+                    );
+                    map.get_mut(*room).expect("just inserted")
+                }
+            };
+            k.seq = k.seq.max(*top);
+            if k.raised.is_none_or(|(r, _)| r <= *top) {
+                k.raised = Some((*top, now));
+            }
+            if k.retired.is_some_and(|r| r <= *top) {
+                k.retired = None;
+            }
+        }
     }
 
     /// Raise the `last_seq` of each room document (by `_id`) to at least the
@@ -530,19 +605,34 @@ impl MongoStore {
     fn retire(&self, rooms: &[(&str, &Bson, i64)]) {
         for (room, key, top) in rooms {
             self.remember_seq(room, key, *top);
+            let mut map = self.last_seq.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(k) = map.get_mut(*room) {
+                k.retired = Some(k.retired.map_or(*top, |r| r.max(*top)));
+            }
         }
         let raise: Vec<(&Bson, i64)> = rooms.iter().map(|(_, k, t)| (*k, *t)).collect();
-        if let Err(e) = self.settle(&raise) {
-            log::warn!("could not raise last_seq over the numbers of a failed write: {e}");
+        match self.settle(&raise) {
+            Ok(_) => self.note_raised(rooms),
+            Err(e) => {
+                log::warn!("could not raise last_seq over the numbers of a failed write: {e}")
+            }
         }
     }
 
     fn remember_seq(&self, room: &str, key: &Bson, seq: i64) {
         let mut map = self.last_seq.lock().unwrap_or_else(|p| p.into_inner());
         match map.get_mut(room) {
-            Some((k, known)) if k == key => *known = (*known).max(seq),
+            Some(k) if k.key == *key => k.seq = k.seq.max(seq),
             _ => {
-                map.insert(room.to_owned(), (key.clone(), seq));
+                map.insert(
+                    room.to_owned(),
+                    Known {
+                        key: key.clone(),
+                        seq,
+                        raised: None,
+                        retired: None,
+                    },
+                );
             }
         }
     }
@@ -704,6 +794,7 @@ impl MongoStore {
         if let Some(head) = head {
             let top = self.max_seq(room)?;
             self.settle(&[(&head.key, top)])?;
+            // Not noted as raised: the room's first write still raises it.
             self.remember_seq(room, &head.key, top);
         }
         self.numbered
@@ -829,11 +920,11 @@ impl MongoStore {
     }
 
     /// The one-insert path of `append_many` (room names are distinct):
-    /// one query for the room documents, one `insert_many`, one command
-    /// raising the rooms' `last_seq` (which also proves they still exist),
-    /// however many rooms. Only a room without `last_seq` (once per room)
-    /// costs queries of its own. `Ok(None)`: a numbering clash; nothing of
-    /// this call is left stored and the caller writes room by room instead.
+    /// one query for the room documents, one `insert_many`, and the check of
+    /// `confirm_rooms`, however many rooms. Only a room without `last_seq`
+    /// (once per room) costs queries of its own. `Ok(None)`: a numbering
+    /// clash; nothing of this call is left stored and the caller writes
+    /// room by room instead.
     fn append_together(
         &self,
         batches: &[RoomBatch],
@@ -847,7 +938,7 @@ impl MongoStore {
         // Which of `ids` each written batch has (by index in `batches`).
         let mut spans: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
         // Rooms whose last_seq is below what this process retired.
-        let mut behind: Vec<(&Bson, i64)> = Vec::new();
+        let mut behind: Vec<(&str, &Bson, i64)> = Vec::new();
         for b in batches {
             let Some(head) = heads.get(&b.room) else {
                 results.push(Err(StoreError::NoSuchRoom));
@@ -858,9 +949,9 @@ impl MongoStore {
                 continue;
             }
             let next = match self.next_seq(&b.room, head) {
-                Ok((n, lags)) => {
-                    if lags {
-                        behind.push((&head.key, n - 1));
+                Ok((n, raise_first)) => {
+                    if let Some(r) = raise_first {
+                        behind.push((b.room.as_str(), &head.key, r));
                     }
                     n
                 }
@@ -884,7 +975,11 @@ impl MongoStore {
         if docs.is_empty() {
             return Ok(Some(results));
         }
-        self.settle(&behind)?;
+        if !behind.is_empty() {
+            let raise: Vec<(&Bson, i64)> = behind.iter().map(|(_, k, t)| (*k, *t)).collect();
+            self.settle(&raise)?;
+            self.note_raised(&behind);
+        }
         // Each room's last number in this write.
         let tops: Vec<(&str, &Bson, i64)> = batches
             .iter()
@@ -923,11 +1018,12 @@ impl MongoStore {
         }
     }
 
-    /// After a multi-room insert: raise the rooms' `last_seq` to what was
-    /// written, which proves they still exist (one command). A room deleted
-    /// (or deleted and created again) while it was written loses what was
-    /// written into it, as in `append_messages`; the others remember their
-    /// new numbers.
+    /// After a multi-room insert: check the rooms still exist, raising the
+    /// `last_seq` of those due (`RAISE_EVERY`). When every room is due, the
+    /// command raising them is the check; otherwise the room documents are
+    /// read again (one query). A room deleted (or deleted and created
+    /// again) while it was written loses what was written into it, as in
+    /// `append_messages`; the others remember their new numbers.
     fn confirm_rooms(
         &self,
         batches: &[RoomBatch],
@@ -936,15 +1032,20 @@ impl MongoStore {
         before: &HashMap<String, RoomHead>,
         results: &mut [StoreResult<Vec<StoredMessage>>],
     ) -> StoreResult<()> {
-        let raise: Vec<(&Bson, i64)> = written.tops.iter().map(|(_, k, t)| (*k, *t)).collect();
-        let found = self.settle(&raise)?;
-        if found == raise.len() as u64 {
-            for (room, key, top) in written.tops {
-                self.remember_seq(room, key, *top);
+        let due: Vec<(&str, &Bson, i64)> = written
+            .tops
+            .iter()
+            .filter(|(room, key, top)| self.raise_due(room, key, *top))
+            .copied()
+            .collect();
+        if !due.is_empty() {
+            let raise: Vec<(&Bson, i64)> = due.iter().map(|(_, k, t)| (*k, *t)).collect();
+            let found = self.settle(&raise)?;
+            self.note_raised(&due);
+            if found == raise.len() as u64 && due.len() == written.tops.len() {
+                return Ok(());
             }
-            return Ok(());
         }
-        // Some room is gone: which (a second query, only now).
         let still = self.existing_rooms(names)?;
         for (i, span) in written.spans {
             let (b, r) = (&batches[*i], &mut results[*i]);
@@ -987,9 +1088,10 @@ impl MongoStore {
         top: &mut i64,
     ) -> StoreResult<Vec<StoredMessage>> {
         let key = &head.key;
-        let (mut next, behind) = self.next_seq(room, head)?;
-        if behind {
-            self.settle(&[(key, next - 1)])?;
+        let (mut next, raise_first) = self.next_seq(room, head)?;
+        if let Some(r) = raise_first {
+            self.settle(&[(key, r)])?;
+            self.note_raised(&[(room, key, r)]);
         }
         let mut stored: Vec<StoredMessage> = Vec::with_capacity(batch.len());
         let mut rest = batch;
@@ -1046,11 +1148,20 @@ impl MongoStore {
         // A delete may have removed the room while the batch was written
         // (and another process may have created a new one of that name):
         // the caller takes the batch back out so nothing outlives its room.
-        // Raising last_seq on that room document (by `_id`) tells.
-        if self.settle(&[(key, next - 1)])? == 0 {
+        // Raising last_seq on that room document (by `_id`) tells, or else
+        // reading it again.
+        let top = next - 1;
+        let exists = if self.raise_due(room, key, top) {
+            let found = self.settle(&[(key, top)])? == 1;
+            self.note_raised(&[(room, key, top)]);
+            found
+        } else {
+            self.room_head(room)?.is_some_and(|h| h.key == *key)
+        };
+        if !exists {
             return Err(StoreError::NoSuchRoom);
         }
-        self.remember_seq(room, key, next - 1);
+        self.remember_seq(room, key, top);
         Ok(stored)
     }
 
@@ -1260,9 +1371,10 @@ impl Store for MongoStore {
     }
 
     /// Several rooms in one insert: one query for the room documents, one
-    /// `insert_many` for every room's messages, one command raising their
-    /// `last_seq` that also confirms the rooms are still there, whatever the
-    /// number of rooms (see `append_together`). A numbering clash
+    /// `insert_many` for every room's messages, and a check that the rooms
+    /// are still there (a query, or the command raising their `last_seq`,
+    /// or both), whatever the number of rooms (see `append_together`). A
+    /// numbering clash
     /// (another process wrote into one of the rooms) takes this write's
     /// documents back out and stores room by room, where clashes are retried.
     fn append_many(&self, batches: &[RoomBatch]) -> Vec<StoreResult<Vec<StoredMessage>>> {
