@@ -106,15 +106,17 @@ impl Fill {
 }
 
 /// One round of the six calls; `fresh` hands out the rooms for the last one.
+/// The messages the writes add are counted into `fill`.
 fn measure(
     store: &dyn Store,
-    fill: &Fill,
+    fill: &mut Fill,
     fresh: &mut impl Iterator<Item = usize>,
     budget: Duration,
 ) -> Vec<Vec<Duration>> {
     let reads: Vec<usize> = (READ_START..READ_END).collect();
     let read_room = |n: usize| reads[n % reads.len()];
     let mut out = Vec::new();
+    let fill_now = &*fill;
     out.push(sample(budget, |n| {
         let got = store
             .messages_before(&room_name(read_room(n)), None, HISTORY)
@@ -123,7 +125,7 @@ fn measure(
     }));
     out.push(sample(budget, |n| {
         let r = read_room(n);
-        let middle = fill.per_room[r] / 2;
+        let middle = fill_now.per_room[r] / 2;
         let got = store
             .messages_before(&room_name(r), Some(middle), HISTORY)
             .expect("page");
@@ -132,7 +134,7 @@ fn measure(
     out.push(sample(budget, |n| {
         let r = read_room(n);
         let got = store
-            .messages_after(&room_name(r), fill.per_room[r] - 20, RESUME)
+            .messages_after(&room_name(r), fill_now.per_room[r] - 20, RESUME)
             .expect("since");
         assert_eq!(got.len(), 20);
     }));
@@ -147,6 +149,7 @@ fn measure(
             .append_messages(&room_name(ONE_ROOM), &one)
             .expect("append");
     }));
+    fill.per_room[ONE_ROOM] += 1 + out[3].len() as i64;
     let batches: Vec<RoomBatch> = (0..MANY)
         .map(|r| RoomBatch {
             room: room_name(r),
@@ -160,10 +163,18 @@ fn measure(
     };
     check(store.append_many(&batches));
     out.push(sample(budget, |_| check(store.append_many(&batches))));
+    for n in &mut fill.per_room[..MANY] {
+        *n += 1 + out[4].len() as i64;
+    }
+    let mut firsts = Vec::new();
     out.push(sample(budget, |_| {
         let r = fresh.next().expect("enough rooms not written yet");
         store.append_messages(&room_name(r), &one).expect("append");
+        firsts.push(r);
     }));
+    for r in firsts {
+        fill.per_room[r] += 1;
+    }
     out
 }
 
@@ -251,15 +262,6 @@ fn fill_mongo(db: &mongodb::sync::Database, fill: &mut Fill, target: i64) {
     const CHUNK: usize = 10_000;
     let messages = db.collection::<Document>("messages");
     let rooms = db.collection::<Document>("rooms");
-    // The store's own writes since the last fill count too.
-    for (i, n) in fill.per_room.iter_mut().enumerate() {
-        let d = rooms
-            .find_one(doc! {"name": room_name(i)})
-            .run()
-            .expect("room")
-            .expect("room document");
-        *n = d.get_i64("last_seq").expect("last_seq");
-    }
     let now = fill.total();
     let mut left = (target - now).max(0) as usize;
     let mut i = now as usize;
@@ -318,7 +320,7 @@ fn run_mongo(small: i64, large: i64, budget: Duration) {
         fill.total(),
         t.elapsed()
     );
-    let a = measure(&store, &fill, &mut fresh, budget);
+    let a = measure(&store, &mut fill, &mut fresh, budget);
     let t = Instant::now();
     fill_mongo(&db, &mut fill, large);
     eprintln!(
@@ -326,7 +328,7 @@ fn run_mongo(small: i64, large: i64, budget: Duration) {
         fill.total(),
         t.elapsed()
     );
-    let b = measure(&store, &fill, &mut fresh, budget);
+    let b = measure(&store, &mut fill, &mut fresh, budget);
     table(
         &format!(
             "MongoStore on FerretDB v1.24.2 (SQLite backend), {}",
@@ -346,13 +348,6 @@ fn run_mongo(small: i64, large: i64, budget: Duration) {
 /// Add messages through the store's `append_many` until it holds `target`,
 /// spread round-robin over the rooms.
 fn fill_sqlite(store: &SqliteStore, fill: &mut Fill, target: i64) {
-    for (r, n) in fill.per_room.iter_mut().enumerate() {
-        *n = store
-            .messages_before(&room_name(r), None, 1)
-            .expect("read")
-            .last()
-            .map_or(0, |m| m.seq);
-    }
     let now = fill.total();
     let mut i = now as usize;
     let mut left = (target - now).max(0) as usize;
@@ -397,7 +392,7 @@ fn run_sqlite(small: i64, large: i64, budget: Duration) {
     let mut fresh = READ_END..ROOMS;
     fill_sqlite(&store, &mut fill, small);
     eprintln!("sqlite: filled to {} messages; measuring", fill.total());
-    let a = measure(&store, &fill, &mut fresh, budget);
+    let a = measure(&store, &mut fill, &mut fresh, budget);
     let t = Instant::now();
     fill_sqlite(&store, &mut fill, large);
     eprintln!(
@@ -405,7 +400,7 @@ fn run_sqlite(small: i64, large: i64, budget: Duration) {
         fill.total(),
         t.elapsed()
     );
-    let b = measure(&store, &fill, &mut fresh, budget);
+    let b = measure(&store, &mut fill, &mut fresh, budget);
     table("SqliteStore (temporary directory)", small, large, &a, &b);
 }
 
