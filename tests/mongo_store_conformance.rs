@@ -801,6 +801,66 @@ fn mongo_room_check_after_an_insert_lost_is_not_kept() {
     assert_nothing_kept(&store, "r", &outcome, 4);
 }
 
+/// The insert's reply is lost and so is the command raising `last_seq` over
+/// the numbers it retired: the next write raises `last_seq` before it
+/// inserts above them, so that no other process, numbering from
+/// `last_seq`, can put a message into the gap below messages stored.
+#[test]
+fn mongo_retired_numbers_are_raised_before_the_next_write() {
+    let (_dir, ferret, cutter, store) = store_behind_cutter("cut5");
+    cutter.arm(vec![
+        Step::Cut(command_bytes("insert", "messages")),
+        Step::Cut(command_bytes("update", "rooms")),
+    ]);
+    let batch = [msg("bob", "m1", now_ms()), msg("bob", "m2", now_ms())];
+    let outcome = store.append_messages("r", &batch);
+    assert_eq!(cutter.cuts(), 2, "the insert's and the raise's replies");
+    assert!(
+        matches!(outcome, Err(StoreError::Unavailable(_))),
+        "{outcome:?}"
+    );
+    // The server carried out the update whose reply was cut: undo it, as
+    // if it had been lost on the way there.
+    let rooms = mongo::collection(&ferret.uri(), store.database_name(), "rooms");
+    rooms
+        .update_one(doc! {"name": "r"}, doc! {"$set": {"last_seq": 1_i64}})
+        .run()
+        .expect("reset last_seq");
+    // The next write: an update of rooms goes out before its insert (whose
+    // reply is cut here, to see the order).
+    cutter.arm(vec![
+        Step::Pass(command_bytes("update", "rooms")),
+        Step::Cut(command_bytes("insert", "messages")),
+    ]);
+    let outcome = store.append_messages("r", &[msg("bob", "m3", now_ms())]);
+    assert_eq!(cutter.cuts(), 3, "last_seq was raised before the insert");
+    assert!(
+        matches!(outcome, Err(StoreError::Unavailable(_))),
+        "{outcome:?}"
+    );
+    let last_seq = rooms
+        .find_one(doc! {"name": "r"})
+        .run()
+        .expect("find")
+        .expect("room r")
+        .get_i64("last_seq")
+        .expect("last_seq");
+    assert_eq!(last_seq, 4, "raised over 2..3, then over the lost 4");
+    // Another process numbers after every retired number.
+    let other = connect_store(&ferret.uri(), store.database_name());
+    let next = other
+        .append_messages("r", &[msg("carol", "next", now_ms())])
+        .expect("append from another process");
+    assert_eq!(seqs(&next), vec![5]);
+    assert_nothing_kept_but(&other, "r", &["before", "next"]);
+}
+
+/// `room` holds exactly these contents, in this order.
+fn assert_nothing_kept_but(store: &MongoStore, room: &str, want: &[&str]) {
+    let all = store.messages_after(room, 0, 100).expect("read back");
+    assert_eq!(contents(&all), want, "{room}");
+}
+
 #[test]
 fn mongo_multi_room_insert_whose_reply_is_lost_is_not_kept() {
     let insert = || command_bytes("insert", "messages");
