@@ -29,9 +29,10 @@
 //! messages are numbered. So a write reads the room documents it needs
 //! (one query for all its rooms), inserts, and checks its rooms still exist
 //! (one query, or the command raising `last_seq`, or both): at most four
-//! commands whatever the number of rooms, none of them on the messages but
-//! the insert, unless it clashed or a room has no `last_seq` yet (a room of
-//! the Go original or of an earlier version of this server, once). Which
+//! commands whatever the number of rooms (five right after a failed write
+//! whose raise was lost), none of them on the messages but the insert,
+//! unless it clashed or a room has no `last_seq` yet (a room of the Go
+//! original or of an earlier version of this server, once). Which
 //! query uses which index, and what FerretDB makes of each:
 //! docs/STORE_QUERIES.md.
 
