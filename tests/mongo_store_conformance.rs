@@ -1007,7 +1007,7 @@ fn assert_one_write(log: &CommandLog, what: &str) {
 /// process that has not written a room before does not query its messages
 /// to number it (the room document says where numbering goes on).
 #[test]
-fn mongo_a_write_costs_three_commands_however_many_rooms() {
+fn mongo_a_write_costs_the_same_commands_however_many_rooms() {
     let dir = tempfile::tempdir().expect("temp dir");
     let ferret = FerretInstance::start(dir.path(), mongo::free_port());
     let log = CommandLog::start(([127, 0, 0, 1], ferret.port()).into());

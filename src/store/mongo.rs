@@ -1056,12 +1056,12 @@ impl MongoStore {
             let Some(last) = stored.last() else {
                 continue;
             };
-            let key = before.get(&b.room).map(|h| &h.key);
-            if key.is_some() && still.get(&b.room).map(|h| &h.key) == key {
-                if let Some(key) = key {
+            let now = still.get(&b.room).map(|h| &h.key);
+            if let Some(key) = before.get(&b.room).map(|h| &h.key) {
+                if now == Some(key) {
                     self.remember_seq(&b.room, key, last.seq);
+                    continue;
                 }
-                continue;
             }
             // By `_id`: a room of that name created again meanwhile may
             // hold the same numbers.
