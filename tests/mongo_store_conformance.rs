@@ -533,12 +533,62 @@ fn mongo_two_handles_allocate_distinct_seqs() {
     }
 }
 
+/// How "another process" writes in the tests below: through a store of its
+/// own, which raises the room's `last_seq`, or as an earlier version of this
+/// server did, straight into the collection with the next numbers and
+/// without touching `last_seq` (so the store's guess is too low and its
+/// insert clashes).
+#[derive(Clone, Copy, Debug)]
+enum Other {
+    Store,
+    Unaware,
+}
+
+/// `other` appends messages `contents` to `room`; returns their seqs.
+fn other_writes(db: &TestDb, other: Other, room: &str, contents: &[&str]) -> Vec<i64> {
+    let batch: Vec<NewMessage> = contents.iter().map(|c| msg("b", c, now_ms())).collect();
+    match other {
+        Other::Store => seqs(&connect(db).append_messages(room, &batch).expect("b")),
+        Other::Unaware => {
+            let top = db
+                .coll("messages")
+                .find_one(doc! {"room_id": room})
+                .sort(doc! {"seq": -1})
+                .run()
+                .expect("find")
+                .and_then(|d| d.get_i64("seq").ok())
+                .unwrap_or(0);
+            let docs: Vec<Document> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    doc! {
+                        "room_id": room,
+                        "username": &m.username,
+                        "content": &m.content,
+                        "timestamp": DateTime::from_millis(m.timestamp),
+                        "seq": top + 1 + i as i64,
+                    }
+                })
+                .collect();
+            db.coll("messages").insert_many(docs).run().expect("b");
+            (top + 1..=top + batch.len() as i64).collect()
+        }
+    }
+}
+
 /// Another process took the numbers this handle expected to use next, and
 /// the batch is large (the server's batches go up to STORE_BATCH_MAX, 256 by
 /// default): every message is still stored exactly once, in batch order,
 /// with distinct seqs and no gap.
 #[test]
 fn mongo_large_batch_after_another_process_wrote_is_stored_once() {
+    for other in [Other::Store, Other::Unaware] {
+        large_batch_after(other);
+    }
+}
+
+fn large_batch_after(other: Other) {
     let db = TestDb::new("bigclash");
     let a = connect(&db);
     let b = connect(&db);
@@ -554,17 +604,8 @@ fn mongo_large_batch_after_another_process_wrote_is_stored_once() {
         vec![1]
     );
     // ...then another process appends behind its back...
-    let from_b = b
-        .append_messages(
-            "Busy",
-            &[
-                msg("b", "b0", now_ms()),
-                msg("b", "b1", now_ms()),
-                msg("b", "b2", now_ms()),
-            ],
-        )
-        .expect("b");
-    assert_eq!(seqs(&from_b), vec![2, 3, 4]);
+    let from_b = other_writes(&db, other, "Busy", &["b0", "b1", "b2"]);
+    assert_eq!(from_b, vec![2, 3, 4], "{other:?}");
     // ...and a stores a large batch.
     const BIG: usize = 150;
     let batch: Vec<NewMessage> = (0..BIG)
@@ -584,25 +625,33 @@ fn mongo_large_batch_after_another_process_wrote_is_stored_once() {
     assert_eq!(
         (docs, read, read - sorted.len()),
         (4 + BIG as u64, 4 + BIG, 0),
-        "(documents, messages read, duplicated contents); seqs returned {:?}; seqs read {:?}",
+        "{other:?}: (documents, messages read, duplicated contents); seqs returned {:?}; seqs read {:?}",
         seqs(&stored),
         seqs(&all)
     );
     assert_eq!(
         seqs(&stored),
         (5..5 + BIG as i64).collect::<Vec<_>>(),
-        "the batch follows b's messages"
+        "{other:?}: the batch follows b's messages"
     );
     assert_eq!(seqs(&all), (1..=(4 + BIG) as i64).collect::<Vec<_>>());
     assert_eq!(&all[4..], &stored[..]);
 }
 
 /// A multi-room write where another process has meanwhile written into one
-/// of the rooms: the one-insert path clashes on that room's numbers, takes
-/// its documents back out, and the write is redone room by room. Every room
-/// ends with each message exactly once, numbered without gaps.
+/// of the rooms: the one-insert path numbers after it (the room's
+/// `last_seq`), or, when the other process did not raise `last_seq`, clashes
+/// on that room's numbers, takes its documents back out, and the write is
+/// redone room by room. Every room ends with each message exactly once,
+/// numbered without gaps.
 #[test]
 fn mongo_append_many_after_another_process_wrote_is_stored_once() {
+    for other in [Other::Store, Other::Unaware] {
+        append_many_after(other);
+    }
+}
+
+fn append_many_after(other: Other) {
     let db = TestDb::new("manyclash");
     let a = connect(&db);
     let b = connect(&db);
@@ -615,13 +664,8 @@ fn mongo_append_many_after_another_process_wrote_is_stored_once() {
             .expect("first");
     }
     // Another process writes into South behind a's back.
-    let from_b = b
-        .append_messages(
-            "South",
-            &[msg("b", "b0", now_ms()), msg("b", "b1", now_ms())],
-        )
-        .expect("b");
-    assert_eq!(seqs(&from_b), vec![2, 3]);
+    let from_b = other_writes(&db, other, "South", &["b0", "b1"]);
+    assert_eq!(from_b, vec![2, 3], "{other:?}");
     let batches: Vec<RoomBatch> = names
         .iter()
         .map(|name| RoomBatch {
@@ -641,7 +685,7 @@ fn mongo_append_many_after_another_process_wrote_is_stored_once() {
     assert_eq!(
         seqs(&stored[1]),
         vec![4, 5, 6],
-        "South follows b's messages"
+        "{other:?}: South follows b's messages"
     );
     assert_eq!(seqs(&stored[2]), vec![2, 3, 4], "East");
     for (name, want) in [("North", 4), ("South", 6), ("East", 4)] {
@@ -649,7 +693,7 @@ fn mongo_append_many_after_another_process_wrote_is_stored_once() {
         assert_eq!(
             seqs(&all),
             (1..=want).collect::<Vec<_>>(),
-            "{name}: every message once, no gap"
+            "{other:?}: {name}: every message once, no gap"
         );
         let docs = db
             .coll("messages")
@@ -678,20 +722,25 @@ fn mongo_append_many_after_another_process_wrote_is_stored_once() {
 // A write whose reply is lost
 
 /// A store that talks to a FerretDB of its own through a [`ReplyCutter`],
-/// with rooms "r" and "s" holding one message each (seq 1).
+/// with rooms "r" and "s" holding one message each (seq 1), written by
+/// another handle: so this store's first write to each raises the room's
+/// `last_seq`, and that `update` of `rooms` is its room check.
 fn store_behind_cutter(tag: &str) -> (tempfile::TempDir, FerretInstance, ReplyCutter, MongoStore) {
     let dir = tempfile::tempdir().expect("temp dir");
     let ferret = FerretInstance::start(dir.path(), mongo::free_port());
     let cutter = ReplyCutter::start(([127, 0, 0, 1], ferret.port()).into());
-    let store = connect_store(&cutter.uri(), &mongo::unique_db(tag));
-    store.prepare().expect("prepare");
-    for name in ["r", "s"] {
-        store.create_room(&alices_room(name)).expect("create room");
-        let first = store
-            .append_messages(name, &[msg("alice", "before", now_ms())])
+    let name = mongo::unique_db(tag);
+    let before = connect_store(&ferret.uri(), &name);
+    before.prepare().expect("prepare");
+    for room in ["r", "s"] {
+        before.create_room(&alices_room(room)).expect("create room");
+        let first = before
+            .append_messages(room, &[msg("alice", "before", now_ms())])
             .expect("first message");
         assert_eq!(seqs(&first), vec![1]);
     }
+    let store = connect_store(&cutter.uri(), &name);
+    store.prepare().expect("prepare");
     (dir, ferret, cutter, store)
 }
 
@@ -737,33 +786,88 @@ fn mongo_insert_whose_reply_is_lost_is_not_kept() {
     assert_nothing_kept(&store, "r", &outcome, 5);
 }
 
+/// The room check after an insert, here the command raising the room's
+/// `last_seq` (an `update` of `rooms`; not retried by the driver).
 #[test]
 fn mongo_room_check_after_an_insert_lost_is_not_kept() {
     let (_dir, _ferret, cutter, store) = store_behind_cutter("cut2");
-    // The driver retries a read once: lose both replies.
-    let find = command_bytes("find", "rooms");
     cutter.arm(vec![
         Step::Pass(command_bytes("insert", "messages")),
-        Step::Cut(find.clone()),
-        Step::Cut(find),
+        Step::Cut(command_bytes("update", "rooms")),
     ]);
     let batch = [msg("bob", "m1", now_ms()), msg("bob", "m2", now_ms())];
     let outcome = store.append_messages("r", &batch);
-    assert_eq!(cutter.cuts(), 2, "the relay cut the room check's replies");
+    assert_eq!(cutter.cuts(), 1, "the relay cut the room check's reply");
     assert_nothing_kept(&store, "r", &outcome, 4);
+}
+
+/// The insert's reply is lost and so is the command raising `last_seq` over
+/// the numbers it retired: the next write raises `last_seq` before it
+/// inserts above them, so that no other process, numbering from
+/// `last_seq`, can put a message into the gap below messages stored.
+#[test]
+fn mongo_retired_numbers_are_raised_before_the_next_write() {
+    let (_dir, ferret, cutter, store) = store_behind_cutter("cut5");
+    cutter.arm(vec![
+        Step::Cut(command_bytes("insert", "messages")),
+        Step::Cut(command_bytes("update", "rooms")),
+    ]);
+    let batch = [msg("bob", "m1", now_ms()), msg("bob", "m2", now_ms())];
+    let outcome = store.append_messages("r", &batch);
+    assert_eq!(cutter.cuts(), 2, "the insert's and the raise's replies");
+    assert!(
+        matches!(outcome, Err(StoreError::Unavailable(_))),
+        "{outcome:?}"
+    );
+    // The server carried out the update whose reply was cut: undo it, as
+    // if it had been lost on the way there.
+    let rooms = mongo::collection(&ferret.uri(), store.database_name(), "rooms");
+    rooms
+        .update_one(doc! {"name": "r"}, doc! {"$set": {"last_seq": 1_i64}})
+        .run()
+        .expect("reset last_seq");
+    // The next write: an update of rooms goes out before its insert (whose
+    // reply is cut here, to see the order).
+    cutter.arm(vec![
+        Step::Pass(command_bytes("update", "rooms")),
+        Step::Cut(command_bytes("insert", "messages")),
+    ]);
+    let outcome = store.append_messages("r", &[msg("bob", "m3", now_ms())]);
+    assert_eq!(cutter.cuts(), 3, "last_seq was raised before the insert");
+    assert!(
+        matches!(outcome, Err(StoreError::Unavailable(_))),
+        "{outcome:?}"
+    );
+    let last_seq = rooms
+        .find_one(doc! {"name": "r"})
+        .run()
+        .expect("find")
+        .expect("room r")
+        .get_i64("last_seq")
+        .expect("last_seq");
+    assert_eq!(last_seq, 4, "raised over 2..3, then over the lost 4");
+    // Another process numbers after every retired number.
+    let other = connect_store(&ferret.uri(), store.database_name());
+    let next = other
+        .append_messages("r", &[msg("carol", "next", now_ms())])
+        .expect("append from another process");
+    assert_eq!(seqs(&next), vec![5]);
+    assert_nothing_kept_but(&other, "r", &["before", "next"]);
+}
+
+/// `room` holds exactly these contents, in this order.
+fn assert_nothing_kept_but(store: &MongoStore, room: &str, want: &[&str]) {
+    let all = store.messages_after(room, 0, 100).expect("read back");
+    assert_eq!(contents(&all), want, "{room}");
 }
 
 #[test]
 fn mongo_multi_room_insert_whose_reply_is_lost_is_not_kept() {
     let insert = || command_bytes("insert", "messages");
-    let find = || command_bytes("find", "rooms");
+    let check = || command_bytes("update", "rooms");
     for (tag, plan, cuts) in [
         ("cut3", vec![Step::Cut(insert())], 1),
-        (
-            "cut4",
-            vec![Step::Pass(insert()), Step::Cut(find()), Step::Cut(find())],
-            2,
-        ),
+        ("cut4", vec![Step::Pass(insert()), Step::Cut(check())], 1),
     ] {
         let (_dir, _ferret, cutter, store) = store_behind_cutter(tag);
         cutter.arm(plan);
@@ -780,4 +884,271 @@ fn mongo_multi_room_insert_whose_reply_is_lost_is_not_kept() {
             assert_nothing_kept(&store, room, outcome, 3);
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Round trips
+
+/// A TCP relay in front of a server that records the CRUD commands passing
+/// through it, as (command, collection), e.g. ("find", "rooms"). Handshakes,
+/// heartbeats and other administrative commands are left out.
+struct CommandLog {
+    port: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+impl CommandLog {
+    fn start(upstream: std::net::SocketAddr) -> CommandLog {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { continue };
+                let Ok(mut server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let (Ok(mut to_client), Ok(mut from_server)) =
+                    (client.try_clone(), server.try_clone())
+                else {
+                    continue;
+                };
+                let log = log.clone();
+                std::thread::spawn(move || loop {
+                    // One wire message: length, header, OP_MSG flags, then
+                    // the body section (kind 0), whose first element names
+                    // the command and its collection.
+                    let mut len = [0u8; 4];
+                    if client.read_exact(&mut len).is_err() {
+                        break;
+                    }
+                    let n = i32::from_le_bytes(len) as usize;
+                    let mut msg = vec![0u8; n.saturating_sub(4)];
+                    if n < 16 || client.read_exact(&mut msg).is_err() {
+                        break;
+                    }
+                    if msg.len() > 17 && msg[16] == 0 {
+                        if let Ok(body) = Document::from_reader(&msg[17..]) {
+                            if let Some((cmd, Bson::String(coll))) = body.iter().next() {
+                                const CRUD: [&str; 8] = [
+                                    "find",
+                                    "insert",
+                                    "update",
+                                    "delete",
+                                    "aggregate",
+                                    "distinct",
+                                    "findAndModify",
+                                    "count",
+                                ];
+                                if CRUD.contains(&cmd.as_str()) {
+                                    log.lock().unwrap().push((cmd.clone(), coll.clone()));
+                                }
+                            }
+                        }
+                    }
+                    if server.write_all(&len).is_err() || server.write_all(&msg).is_err() {
+                        break;
+                    }
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from_server, &mut to_client);
+                });
+            }
+        });
+        CommandLog { port, seen }
+    }
+
+    fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
+    }
+
+    /// The commands recorded since the last call, counted and sorted.
+    fn take(&self) -> Vec<(String, String, usize)> {
+        let mut counts: std::collections::BTreeMap<(String, String), usize> = Default::default();
+        for c in self.seen.lock().unwrap().drain(..) {
+            *counts.entry(c).or_default() += 1;
+        }
+        counts.into_iter().map(|((a, b), n)| (a, b, n)).collect()
+    }
+}
+
+fn commands(list: &[(&str, &str, usize)]) -> Vec<(String, String, usize)> {
+    list.iter()
+        .map(|(a, b, n)| (a.to_string(), b.to_string(), *n))
+        .collect()
+}
+
+/// The commands of one write: the room documents read, the insert, and the
+/// check that the rooms still exist, which is the command raising their
+/// `last_seq` (when all are due), a second read (when none is), or both.
+fn assert_one_write(log: &CommandLog, what: &str) {
+    let got = log.take();
+    let raise = commands(&[
+        ("find", "rooms", 1),
+        ("insert", "messages", 1),
+        ("update", "rooms", 1),
+    ]);
+    let read = commands(&[("find", "rooms", 2), ("insert", "messages", 1)]);
+    let both = commands(&[
+        ("find", "rooms", 2),
+        ("insert", "messages", 1),
+        ("update", "rooms", 1),
+    ]);
+    assert!(
+        got == raise || got == read || got == both,
+        "{what}: {got:?}"
+    );
+}
+
+/// A write costs the same commands however many rooms it spans, and a
+/// process that has not written a room before does not query its messages
+/// to number it (the room document says where numbering goes on).
+#[test]
+fn mongo_a_write_costs_the_same_commands_however_many_rooms() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ferret = FerretInstance::start(dir.path(), mongo::free_port());
+    let log = CommandLog::start(([127, 0, 0, 1], ferret.port()).into());
+    let name = mongo::unique_db("trips");
+    let writer = connect_store(&ferret.uri(), &name);
+    writer.prepare().expect("prepare");
+    let rooms: Vec<String> = (0..50).map(|i| format!("room{i:02}")).collect();
+    for r in &rooms {
+        writer.create_room(&alices_room(r)).expect("create room");
+        writer
+            .append_messages(r, &[msg("alice", "first", now_ms())])
+            .expect("first message");
+    }
+    // Another process, which has written nothing yet.
+    let store = connect_store(&log.uri(), &name);
+    store.prepare().expect("prepare");
+    log.take();
+    // Its first write to each room raises the room's last_seq.
+    let first_write = commands(&[
+        ("find", "rooms", 1),
+        ("insert", "messages", 1),
+        ("update", "rooms", 1),
+    ]);
+    for n in [2, 50] {
+        let batches: Vec<RoomBatch> = rooms[..n]
+            .iter()
+            .map(|r| RoomBatch {
+                room: r.clone(),
+                messages: vec![msg("bob", &format!("to {n}"), now_ms())],
+            })
+            .collect();
+        let results = store.append_many(&batches);
+        if n == 2 {
+            assert_eq!(log.take(), first_write, "a first write to {n} rooms");
+        } else {
+            assert_one_write(&log, "a write to 50 rooms");
+        }
+        for (r, result) in rooms.iter().zip(&results) {
+            let want = if n == 2 {
+                vec![2]
+            } else {
+                vec![2 + (r < &rooms[2]) as i64]
+            };
+            assert_eq!(seqs(result.as_ref().expect("stored")), want, "{r}");
+        }
+    }
+    // One room, first written by this process.
+    let stored = store
+        .append_messages(&rooms[49], &[msg("bob", "single", now_ms())])
+        .expect("append");
+    assert_eq!(seqs(&stored), vec![3]);
+    assert_one_write(&log, "a one-room write");
+    // Again, within RAISE_EVERY: no raise.
+    let again: Vec<RoomBatch> = rooms
+        .iter()
+        .map(|r| RoomBatch {
+            room: r.clone(),
+            messages: vec![msg("bob", "again", now_ms())],
+        })
+        .collect();
+    for r in store.append_many(&again) {
+        r.expect("stored");
+    }
+    assert_one_write(&log, "a second write to 50 rooms");
+    // A history read: one query.
+    let hist = store.messages_before(&rooms[49], None, 50).expect("read");
+    assert_eq!(seqs(&hist), vec![1, 2, 3, 4]);
+    assert_eq!(log.take(), commands(&[("find", "messages", 1)]));
+    // The first use of a room by this process also reads its document
+    // (are its messages numbered?).
+    writer.create_room(&alices_room("quiet")).expect("create");
+    store.messages_before("quiet", None, 50).expect("read");
+    assert_eq!(
+        log.take(),
+        commands(&[("find", "messages", 1), ("find", "rooms", 1)])
+    );
+    store.messages_after("quiet", 0, 50).expect("read");
+    assert_eq!(log.take(), commands(&[("find", "messages", 1)]));
+}
+
+/// A room of the Go original (no `last_seq`) is numbered once, in whichever
+/// process uses it first; afterwards its document tells every process, so
+/// a new one's first write asks nothing of the messages. Start-up
+/// (`number_all_legacy`) does the same for every room.
+#[test]
+fn mongo_a_legacy_room_is_numbered_once_for_every_process() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ferret = FerretInstance::start(dir.path(), mongo::free_port());
+    let log = CommandLog::start(([127, 0, 0, 1], ferret.port()).into());
+    let name = mongo::unique_db("legonce");
+    let db = TestDb {
+        uri: ferret.uri(),
+        name: name.clone(),
+    };
+    seed_legacy_room(&db, "Lounge", "gopher", 1_640_000_000_000);
+    seed_legacy_room(&db, "Attic", "gopher", 1_640_000_000_001);
+    let first = connect_store(&ferret.uri(), &name);
+    first.prepare().expect("prepare");
+    assert_eq!(
+        seqs(
+            &first
+                .append_messages("Lounge", &[msg("a", "new", now_ms())])
+                .expect("append")
+        ),
+        vec![5]
+    );
+    let lounge = db
+        .coll("rooms")
+        .find_one(doc! {"name": "Lounge"})
+        .run()
+        .expect("find")
+        .expect("room");
+    assert_eq!(lounge.get_i64("last_seq"), Ok(5), "{lounge}");
+    // Another process: no query of the messages to write into Lounge.
+    let other = connect_store(&log.uri(), &name);
+    other.prepare().expect("prepare");
+    log.take();
+    let stored = other
+        .append_messages("Lounge", &[msg("b", "more", now_ms())])
+        .expect("append");
+    assert_eq!(seqs(&stored), vec![6]);
+    assert_eq!(
+        log.take(),
+        commands(&[
+            ("find", "rooms", 1),
+            ("insert", "messages", 1),
+            ("update", "rooms", 1),
+        ])
+    );
+    // Start-up numbers Attic and gives every room last_seq.
+    assert_eq!(other.number_all_legacy(), Ok(1));
+    for d in find_all(&db.coll("rooms"), doc! {}, doc! {"name": 1}) {
+        let want = if d.get_str("name") == Ok("Attic") {
+            4
+        } else {
+            6
+        };
+        assert_eq!(d.get_i64("last_seq"), Ok(want), "{d}");
+    }
+    assert_eq!(
+        seqs(&first.messages_before("Attic", None, 10).expect("read")),
+        vec![1, 2, 3, 4]
+    );
 }

@@ -16,6 +16,25 @@
 //! insert stops at the clash and the rest is retried above the new highest
 //! `seq`. Several processes can therefore write to one room at once and every
 //! message still gets a distinct number in one order.
+//!
+//! Where numbering goes on is known without asking the messages: from what
+//! this process wrote, and otherwise from the room document's `last_seq`
+//! (this server's extension of the original's room document). A write
+//! raises `last_seq` (never lowers it) to the highest number it stored: a
+//! room's first write in a process, then at most once a second while the
+//! room is busy (`RAISE_EVERY`), and at once over the numbers of a failed
+//! write. It is a guess like any other: too low (writes of the last second
+//! in another process, or a raise that was lost) costs a clash and a retry
+//! above the highest stored `seq`. Its presence also says the room's legacy
+//! messages are numbered. So a write reads the room documents it needs
+//! (one query for all its rooms), inserts, and checks its rooms still exist
+//! (one query, or the command raising `last_seq`, or both): at most four
+//! commands whatever the number of rooms (five right after a failed write
+//! whose raise was lost), none of them on the messages but the insert,
+//! unless it clashed or a room has no `last_seq` yet (a room of the Go
+//! original or of an earlier version of this server, once). Which
+//! query uses which index, and what FerretDB makes of each:
+//! docs/STORE_QUERIES.md.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -80,13 +99,35 @@ pub struct MongoStore {
     /// arriving meanwhile wait for the check, and for the numbering only
     /// when told to.
     numbering: Mutex<HashMap<String, bool>>,
-    /// Highest `seq` this process knows per room, with the `_id` of the
-    /// room document it belongs to: a guess that saves a query per batch; a
-    /// guess too low costs one retry. A room deleted and created again by
-    /// another process has a new `_id`, so the guess of the old room (too
-    /// high, which no clash would reveal) is not used for it.
-    last_seq: Mutex<HashMap<String, (Bson, i64)>>,
+    /// What this process knows of each room's numbering: the highest `seq`
+    /// it stored or retired, for the room document (`_id`) it belongs to (a
+    /// room deleted and created again by another process has a new `_id`,
+    /// so the guess of the old room, too high, which no clash would reveal,
+    /// is not used for it), and how far it raised that document's
+    /// `last_seq`.
+    last_seq: Mutex<HashMap<String, Known>>,
 }
+
+/// One room's entry in `MongoStore::last_seq`.
+struct Known {
+    key: Bson,
+    /// Highest number this process stored or retired in the room.
+    seq: i64,
+    /// Highest `last_seq` this process raised the document to, and when.
+    raised: Option<(i64, Instant)>,
+    /// Highest number of a failed write that the document's `last_seq` may
+    /// not cover yet: raised before this process stores above it.
+    retired: Option<i64>,
+}
+
+/// How often a busy room's `last_seq` is raised by this process's writes
+/// (a room's first write in this process always raises it). Raising costs a
+/// write on the room document, which FerretDB makes its own transaction
+/// (about a millisecond per room on a laptop disk): on every write it would
+/// take a 64-room write from one transaction to 65. So `last_seq` may lag
+/// this process's writes by up to this long; another process (or this one
+/// restarted) then clashes once on that room and reads its highest `seq`.
+const RAISE_EVERY: Duration = Duration::from_secs(1);
 
 fn unavailable(e: MongoError) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -123,6 +164,42 @@ fn seq_after(room: &str, last: i64) -> StoreResult<i64> {
         )));
     }
     Ok(last + 1)
+}
+
+/// The room document's field holding (at least) the highest `seq` written
+/// to the room; see the module comment.
+const LAST_SEQ: &str = "last_seq";
+
+/// A `seq` condition matching every numeric `seq`, and no string one a
+/// legacy database may hold: a plain range, which MongoDB answers from the
+/// `(room_id, seq)` index (a range implies the partial index's `$exists`).
+fn any_number() -> Document {
+    doc! { "$gte": i64::MIN }
+}
+
+/// What a multi-room insert wrote: the document ids, which of them each
+/// room's batch has (by index in the batches), and each room's last number.
+struct Written<'a> {
+    ids: &'a [ObjectId],
+    spans: &'a [(usize, std::ops::Range<usize>)],
+    tops: &'a [(&'a str, &'a Bson, i64)],
+}
+
+/// What a write needs of a room document: which room of that name it is
+/// (`_id`: a room deleted and created again has a new one), and its
+/// `last_seq` when it has one.
+struct RoomHead {
+    key: Bson,
+    last_seq: Option<i64>,
+}
+
+impl RoomHead {
+    fn from_doc(d: &Document) -> Option<RoomHead> {
+        Some(RoomHead {
+            key: d.get("_id")?.clone(),
+            last_seq: int_field(d, LAST_SEQ),
+        })
+    }
 }
 
 fn is_duplicate(e: &MongoError) -> bool {
@@ -399,52 +476,177 @@ impl MongoStore {
             .map_err(unavailable)
     }
 
-    /// The `_id` of the room document named `name`: which room of that
-    /// name this is (the first in the collection's order, should a legacy
-    /// database hold several; not sorted, because a sort makes FerretDB read
-    /// every room where it otherwise stops at the first match, which cost a
-    /// write per room 39 % of its rate).
-    fn room_key(&self, name: &str) -> StoreResult<Option<Bson>> {
-        first_id(&self.rooms, doc! { "name": name })
+    /// The room document named `name`, as a write needs it: which room of
+    /// that name this is (the first in the collection's order, should a
+    /// legacy database hold several; not sorted, because a sort makes
+    /// FerretDB read every room where it otherwise stops at the first
+    /// match, which cost a write per room 39 % of its rate).
+    fn room_head(&self, name: &str) -> StoreResult<Option<RoomHead>> {
+        let d = self
+            .rooms
+            .find_one(doc! { "name": name })
+            .projection(doc! { "_id": 1, LAST_SEQ: 1 })
+            .run()
+            .map_err(unavailable)?;
+        Ok(d.as_ref().and_then(RoomHead::from_doc))
     }
 
-    /// Highest `seq` stored in a room (0 when none).
+    /// Highest `seq` stored in a room (0 when none). Only numbers count: a
+    /// legacy document with, say, a string seq would sort above them all.
+    /// Off the write path: a write asks only after a clash, or for a room
+    /// without `last_seq`.
     fn max_seq(&self, room: &str) -> StoreResult<i64> {
         let top = self
             .messages
-            // Only numbers count: a legacy document with, say, a string seq
-            // would sort above them all and read as 0.
-            .find_one(doc! { "room_id": room, "seq": { "$type": ["int", "long", "double"] } })
+            .find_one(doc! { "room_id": room, "seq": any_number() })
             .sort(doc! { "seq": -1 })
-            .projection(doc! { "seq": 1 })
+            .projection(doc! { "seq": 1, "_id": 0 })
             .run()
             .map_err(unavailable)?;
         Ok(top.and_then(|d| int_field(&d, "seq")).unwrap_or(0))
     }
 
-    /// The seq a new message of `room` (the room document `key`) should
-    /// get: after the highest this process knows for that room document,
-    /// else after the highest stored.
-    fn next_seq(&self, room: &str, key: &Bson) -> StoreResult<i64> {
-        let known = self
+    /// The seq a new message of `room` (its document `head`) should get:
+    /// after the highest of what this process knows for that room document
+    /// and the document's `last_seq`; after the highest stored when neither
+    /// is known. Also the number `last_seq` must be raised to before the
+    /// write inserts, if any: this process retired the numbers of a failed
+    /// write above it and could not raise it then. Numbers retired, and so
+    /// not stored, below numbers stored are the one gap a `last_seq` too low
+    /// would not reveal by a clash: another process would number into it,
+    /// below messages already seen.
+    fn next_seq(&self, room: &str, head: &RoomHead) -> StoreResult<(i64, Option<i64>)> {
+        let (known, retired) = self
             .last_seq
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(room)
-            .and_then(|(k, seq)| (k == key).then_some(*seq));
-        let last = match known {
+            .filter(|k| k.key == head.key)
+            .map_or((None, None), |k| (Some(k.seq), k.retired));
+        let last = match known.max(head.last_seq) {
             Some(s) => s,
             None => self.max_seq(room)?,
         };
-        seq_after(room, last)
+        let raise_first = retired.filter(|r| head.last_seq.is_none_or(|l| l < *r));
+        Ok((seq_after(room, last)?, raise_first))
+    }
+
+    /// Whether a write that stored up to `top` in `room` should raise the
+    /// room document's `last_seq` now (see `RAISE_EVERY`).
+    fn raise_due(&self, room: &str, key: &Bson, top: i64) -> bool {
+        let map = self.last_seq.lock().unwrap_or_else(|p| p.into_inner());
+        match map
+            .get(room)
+            .filter(|k| k.key == *key)
+            .and_then(|k| k.raised)
+        {
+            None => true,
+            Some((raised, at)) => top > raised && at.elapsed() >= RAISE_EVERY,
+        }
+    }
+
+    /// `settle` succeeded for these rooms: their documents' `last_seq` is at
+    /// least what was given.
+    fn note_raised(&self, rooms: &[(&str, &Bson, i64)]) {
+        let now = Instant::now();
+        let mut map = self.last_seq.lock().unwrap_or_else(|p| p.into_inner());
+        for (room, key, top) in rooms {
+            let k = match map.get_mut(*room) {
+                Some(k) if k.key == **key => k,
+                _ => {
+                    map.insert(
+                        (*room).to_owned(),
+                        Known {
+                            key: (*key).clone(),
+                            seq: *top,
+                            raised: None,
+                            retired: None,
+                        },
+                    );
+                    map.get_mut(*room).expect("just inserted")
+                }
+            };
+            k.seq = k.seq.max(*top);
+            if k.raised.is_none_or(|(r, _)| r <= *top) {
+                k.raised = Some((*top, now));
+            }
+            if k.retired.is_some_and(|r| r <= *top) {
+                k.retired = None;
+            }
+        }
+    }
+
+    /// Raise the `last_seq` of each room document (by `_id`) to at least the
+    /// number given, in one command. Returns how many of the documents
+    /// exist: a write's proof that its rooms were not deleted meanwhile.
+    fn settle(&self, rooms: &[(&Bson, i64)]) -> StoreResult<u64> {
+        if rooms.is_empty() {
+            return Ok(0);
+        }
+        let updates: Vec<Document> = rooms
+            .iter()
+            .map(|(key, top)| {
+                doc! {
+                    "q": { "_id": (*key).clone() },
+                    "u": { "$max": { LAST_SEQ: *top } },
+                }
+            })
+            .collect();
+        let reply = self
+            .db
+            .run_command(doc! {
+                "update": self.rooms.name(),
+                "updates": updates,
+                "ordered": false,
+            })
+            .run()
+            .map_err(unavailable)?;
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            if let Some(first) = errors.first() {
+                return Err(StoreError::Unavailable(format!(
+                    "raising last_seq of {} rooms failed: {first}",
+                    errors.len()
+                )));
+            }
+        }
+        Ok(int_field(&reply, "n").map_or(0, |n| n.max(0) as u64))
+    }
+
+    /// Numbers up to `top` of a write that failed are not given out again:
+    /// this process remembers them, and `last_seq` is raised over them
+    /// (best effort: when that fails too, this process's next write raises
+    /// it first, see `next_seq`).
+    fn retire(&self, rooms: &[(&str, &Bson, i64)]) {
+        for (room, key, top) in rooms {
+            self.remember_seq(room, key, *top);
+            let mut map = self.last_seq.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(k) = map.get_mut(*room) {
+                k.retired = Some(k.retired.map_or(*top, |r| r.max(*top)));
+            }
+        }
+        let raise: Vec<(&Bson, i64)> = rooms.iter().map(|(_, k, t)| (*k, *t)).collect();
+        match self.settle(&raise) {
+            Ok(_) => self.note_raised(rooms),
+            Err(e) => {
+                log::warn!("could not raise last_seq over the numbers of a failed write: {e}")
+            }
+        }
     }
 
     fn remember_seq(&self, room: &str, key: &Bson, seq: i64) {
         let mut map = self.last_seq.lock().unwrap_or_else(|p| p.into_inner());
         match map.get_mut(room) {
-            Some((k, known)) if k == key => *known = (*known).max(seq),
+            Some(k) if k.key == *key => k.seq = k.seq.max(seq),
             _ => {
-                map.insert(room.to_owned(), (key.clone(), seq));
+                map.insert(
+                    room.to_owned(),
+                    Known {
+                        key: key.clone(),
+                        seq,
+                        raised: None,
+                        retired: None,
+                    },
+                );
             }
         }
     }
@@ -465,16 +667,34 @@ impl MongoStore {
     /// several processes at once: each document is numbered at most once
     /// (the update only matches it while it has no seq), and the unique
     /// index settles who gets which number.
+    ///
+    /// A room document with `last_seq` says its room is numbered, so after
+    /// the first time (in any process) this is a look at the room document,
+    /// and after the first time in this process nothing at all.
     fn number_legacy(&self, room: &str) -> StoreResult<()> {
-        self.number_legacy_or_wait(room, false)
+        self.number_legacy_or_wait(room, false, false)
+    }
+
+    /// `number_legacy` for a room whose document the caller has read:
+    /// nothing to ask when it has `last_seq`.
+    fn number_legacy_given(&self, room: &str, last_seq: Option<i64>) -> StoreResult<()> {
+        if last_seq.is_none() {
+            return self.number_legacy(room);
+        }
+        self.numbered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(room.to_owned());
+        Ok(())
     }
 
     /// `number_legacy`; while another thread numbers the room, wait for it
     /// (`wait`), or for at most `NUMBERING_WAIT` and then answer
     /// "unavailable", so that calls for a room of many legacy messages do
     /// not hold every store thread meanwhile, while a small room's numbering
-    /// (a fraction of a second) is simply waited for.
-    fn number_legacy_or_wait(&self, room: &str, wait: bool) -> StoreResult<()> {
+    /// (a fraction of a second) is simply waited for. `scan`: look at the
+    /// messages even when the room document says they are numbered.
+    fn number_legacy_or_wait(&self, room: &str, wait: bool, scan: bool) -> StoreResult<()> {
         const NUMBERING_WAIT: Duration = Duration::from_secs(1);
         let is_numbered = || {
             self.numbered
@@ -507,7 +727,7 @@ impl MongoStore {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let result = self.number_legacy_now(room);
+        let result = self.number_legacy_now(room, scan);
         self.numbering
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -515,9 +735,12 @@ impl MongoStore {
         result
     }
 
-    /// Number every room's legacy messages; run once the database answers
-    /// after start, so that users seldom meet a room's first numbering.
-    /// Returns how many rooms had legacy messages.
+    /// Number every room's legacy messages, and give every room document
+    /// without `last_seq` one; run once the database answers after start,
+    /// so that joins and writes seldom meet a room's first numbering (the
+    /// queries on the messages it takes cannot use an index on FerretDB;
+    /// see docs/STORE_QUERIES.md). Returns how many rooms had legacy
+    /// messages.
     pub fn number_all_legacy(&self) -> StoreResult<usize> {
         let rooms = self
             .messages
@@ -526,14 +749,36 @@ impl MongoStore {
             .map_err(unavailable)?;
         let mut n = 0;
         for room in rooms.iter().filter_map(Bson::as_str) {
-            self.number_legacy_or_wait(room, true)?;
+            self.number_legacy_or_wait(room, true, true)?;
             n += 1;
+        }
+        let unmarked: Vec<String> = self
+            .rooms
+            .find(doc! { LAST_SEQ: { "$exists": false } })
+            .projection(doc! { "name": 1, "_id": 0 })
+            .run()
+            .map_err(unavailable)?
+            .map(|d| d.map(|d| str_field(&d, "name")))
+            .collect::<Result<_, _>>()
+            .map_err(unavailable)?;
+        for room in &unmarked {
+            self.number_legacy_or_wait(room, true, false)?;
         }
         Ok(n)
     }
 
-    /// The work of `number_legacy`, under its lock.
-    fn number_legacy_now(&self, room: &str) -> StoreResult<()> {
+    /// The work of `number_legacy`, under its lock. Ends by giving the room
+    /// document `last_seq` (the highest `seq` stored), which tells every
+    /// process the room is numbered.
+    fn number_legacy_now(&self, room: &str, scan: bool) -> StoreResult<()> {
+        let head = self.room_head(room)?;
+        if !scan && head.as_ref().is_some_and(|h| h.last_seq.is_some()) {
+            self.numbered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(room.to_owned());
+            return Ok(());
+        }
         let legacy: Vec<Bson> = self
             .messages
             .find(doc! { "room_id": room, "seq": { "$exists": false } })
@@ -559,6 +804,12 @@ impl MongoStore {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(room);
+        }
+        if let Some(head) = head {
+            let top = self.max_seq(room)?;
+            self.settle(&[(&head.key, top)])?;
+            // Not noted as raised: the room's first write still raises it.
+            self.remember_seq(room, &head.key, top);
         }
         self.numbered
             .lock()
@@ -652,63 +903,79 @@ impl MongoStore {
         }
     }
 
+    /// A new room's document: the original's fields, and `last_seq` 0 (a
+    /// new room has no legacy messages to number).
     fn room_document(room: &Room) -> Document {
         doc! {
             "name": &room.name,
             "creator": &room.creator,
             "created_at": DateTime::from_millis(room.created_at),
+            LAST_SEQ: 0_i64,
         }
     }
 
-    /// The names among `names` that have a room document, with its `_id`
-    /// as `room_key` gives it (one query).
-    fn existing_rooms(&self, names: &[&str]) -> StoreResult<HashMap<String, Bson>> {
+    /// The names among `names` that have a room document, with the document
+    /// as `room_head` gives it (one query).
+    fn existing_rooms(&self, names: &[&str]) -> StoreResult<HashMap<String, RoomHead>> {
         let cursor = self
             .rooms
             .find(doc! { "name": { "$in": names.to_vec() } })
-            .projection(doc! { "name": 1, "_id": 1 })
+            .projection(doc! { "name": 1, "_id": 1, LAST_SEQ: 1 })
             .run()
             .map_err(unavailable)?;
         let mut found = HashMap::new();
         for d in cursor {
             let d = d.map_err(unavailable)?;
-            if let (Ok(name), Some(id)) = (d.get_str("name"), d.get("_id")) {
-                found.entry(name.to_owned()).or_insert_with(|| id.clone());
+            if let (Ok(name), Some(head)) = (d.get_str("name"), RoomHead::from_doc(&d)) {
+                found.entry(name.to_owned()).or_insert(head);
             }
         }
         Ok(found)
     }
 
-    /// The one-insert path of `append_many` (room names are distinct).
-    /// `Ok(None)`: a numbering clash; nothing of this call is left stored
-    /// and the caller writes room by room instead.
+    /// The one-insert path of `append_many` (room names are distinct):
+    /// one query for the room documents, one `insert_many`, and the check of
+    /// `confirm_rooms`, however many rooms. Only a room without `last_seq`
+    /// (once per room) costs queries of its own. `Ok(None)`: a numbering
+    /// clash; nothing of this call is left stored and the caller writes
+    /// room by room instead.
     fn append_together(
         &self,
         batches: &[RoomBatch],
     ) -> StoreResult<Option<Vec<StoreResult<Vec<StoredMessage>>>>> {
         self.ensure_prepared()?;
         let names: Vec<&str> = batches.iter().map(|b| b.room.as_str()).collect();
-        let existing = self.existing_rooms(&names)?;
+        let heads = self.existing_rooms(&names)?;
         let mut results: Vec<StoreResult<Vec<StoredMessage>>> = Vec::with_capacity(batches.len());
         let mut docs: Vec<Document> = Vec::new();
         let mut ids: Vec<ObjectId> = Vec::new();
+        // Which of `ids` each written batch has (by index in `batches`).
+        let mut spans: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        // Rooms whose last_seq is below what this process retired.
+        let mut behind: Vec<(&str, &Bson, i64)> = Vec::new();
         for b in batches {
-            let Some(key) = existing.get(&b.room) else {
+            let Some(head) = heads.get(&b.room) else {
                 results.push(Err(StoreError::NoSuchRoom));
                 continue;
             };
-            if let Err(e) = self.number_legacy(&b.room) {
+            if let Err(e) = self.number_legacy_given(&b.room, head.last_seq) {
                 results.push(Err(e));
                 continue;
             }
-            let next = match self.next_seq(&b.room, key) {
-                Ok(n) => n,
+            let next = match self.next_seq(&b.room, head) {
+                Ok((n, raise_first)) => {
+                    if let Some(r) = raise_first {
+                        behind.push((b.room.as_str(), &head.key, r));
+                    }
+                    n
+                }
                 Err(e) => {
                     results.push(Err(e));
                     continue;
                 }
             };
             let mut stored = Vec::with_capacity(b.messages.len());
+            let first = ids.len();
             for (i, m) in b.messages.iter().enumerate() {
                 let id = ObjectId::new();
                 let seq = next + i as i64;
@@ -716,20 +983,26 @@ impl MongoStore {
                 docs.push(message_doc(id, &b.room, m, seq));
                 stored.push(m.stored(&b.room, seq));
             }
+            spans.push((results.len(), first..ids.len()));
             results.push(Ok(stored));
         }
         if docs.is_empty() {
             return Ok(Some(results));
         }
-        // Numbers of a failed write are not given out again (`take_back`).
-        let retire_numbers = |results: &[StoreResult<Vec<StoredMessage>>]| {
-            for (b, r) in batches.iter().zip(results) {
-                let last = r.as_ref().ok().and_then(|s| s.last());
-                if let (Some(last), Some(key)) = (last, existing.get(&b.room)) {
-                    self.remember_seq(&b.room, key, last.seq);
-                }
-            }
-        };
+        if !behind.is_empty() {
+            let raise: Vec<(&Bson, i64)> = behind.iter().map(|(_, k, t)| (*k, *t)).collect();
+            self.settle(&raise)?;
+            self.note_raised(&behind);
+        }
+        // Each room's last number in this write.
+        let tops: Vec<(&str, &Bson, i64)> = batches
+            .iter()
+            .zip(&results)
+            .filter_map(|(b, r)| {
+                let last = r.as_ref().ok()?.last()?;
+                Some((b.room.as_str(), &heads.get(&b.room)?.key, last.seq))
+            })
+            .collect();
         if let Err(e) = self.messages.insert_many(docs).ordered(true).run() {
             // Whatever went in before the failure comes back out, so no room
             // keeps part of this write; after a clash the caller writes room
@@ -741,47 +1014,73 @@ impl MongoStore {
             if is_duplicate(&e) && clean {
                 return Ok(None);
             }
-            retire_numbers(&results);
+            self.retire(&tops);
             return Err(unavailable(e));
         }
-        match self.confirm_rooms(batches, &names, &existing, &mut results) {
+        let written = Written {
+            ids: &ids,
+            spans: &spans,
+            tops: &tops,
+        };
+        match self.confirm_rooms(batches, &names, &written, &heads, &mut results) {
             Ok(()) => Ok(Some(results)),
             Err(e) => {
                 let _ = self.take_back(&ids);
-                retire_numbers(&results);
+                self.retire(&tops);
                 Err(e)
             }
         }
     }
 
-    /// After a multi-room insert: a room deleted (or deleted and created
+    /// After a multi-room insert: check the rooms still exist, raising the
+    /// `last_seq` of those due (`RAISE_EVERY`). When every room is due, the
+    /// command raising them is the check; otherwise the room documents are
+    /// read again (one query). A room deleted (or deleted and created
     /// again) while it was written loses what was written into it, as in
     /// `append_messages`; the others remember their new numbers.
     fn confirm_rooms(
         &self,
         batches: &[RoomBatch],
         names: &[&str],
-        before: &HashMap<String, Bson>,
+        written: &Written,
+        before: &HashMap<String, RoomHead>,
         results: &mut [StoreResult<Vec<StoredMessage>>],
     ) -> StoreResult<()> {
+        let due: Vec<(&str, &Bson, i64)> = written
+            .tops
+            .iter()
+            .filter(|(room, key, top)| self.raise_due(room, key, *top))
+            .copied()
+            .collect();
+        if !due.is_empty() {
+            let raise: Vec<(&Bson, i64)> = due.iter().map(|(_, k, t)| (*k, *t)).collect();
+            let found = self.settle(&raise)?;
+            self.note_raised(&due);
+            if found == raise.len() as u64 && due.len() == written.tops.len() {
+                return Ok(());
+            }
+        }
         let still = self.existing_rooms(names)?;
-        for (b, r) in batches.iter().zip(results.iter_mut()) {
+        for (i, span) in written.spans {
+            let (b, r) = (&batches[*i], &mut results[*i]);
             let Ok(stored) = r else {
                 continue;
             };
             let Some(last) = stored.last() else {
                 continue;
             };
-            if let Some(key) = still
-                .get(&b.room)
-                .filter(|k| before.get(&b.room) == Some(*k))
-            {
-                self.remember_seq(&b.room, key, last.seq);
-                continue;
+            let now = still.get(&b.room).map(|h| &h.key);
+            if let Some(key) = before.get(&b.room).map(|h| &h.key) {
+                if now == Some(key) {
+                    self.remember_seq(&b.room, key, last.seq);
+                    continue;
+                }
             }
-            let seqs: Vec<i64> = stored.iter().map(|m| m.seq).collect();
+            // By `_id`: a room of that name created again meanwhile may
+            // hold the same numbers.
+            let ids = written.ids[span.clone()].to_vec();
             self.messages
-                .delete_many(doc! { "room_id": &b.room, "seq": { "$in": seqs } })
+                .delete_many(doc! { "_id": { "$in": ids } })
                 .run()
                 .map_err(unavailable)?;
             self.forget_room(&b.room);
@@ -797,12 +1096,17 @@ impl MongoStore {
     fn insert_numbered(
         &self,
         room: &str,
-        key: &Bson,
+        head: &RoomHead,
         batch: &[NewMessage],
         sent: &mut Vec<ObjectId>,
         top: &mut i64,
     ) -> StoreResult<Vec<StoredMessage>> {
-        let mut next = self.next_seq(room, key)?;
+        let key = &head.key;
+        let (mut next, raise_first) = self.next_seq(room, head)?;
+        if let Some(r) = raise_first {
+            self.settle(&[(key, r)])?;
+            self.note_raised(&[(room, key, r)]);
+        }
         let mut stored: Vec<StoredMessage> = Vec::with_capacity(batch.len());
         let mut rest = batch;
         let mut attempts = 0;
@@ -858,10 +1162,20 @@ impl MongoStore {
         // A delete may have removed the room while the batch was written
         // (and another process may have created a new one of that name):
         // the caller takes the batch back out so nothing outlives its room.
-        if self.room_key(room)?.as_ref() != Some(key) {
+        // Raising last_seq on that room document (by `_id`) tells, or else
+        // reading it again.
+        let top = next - 1;
+        let exists = if self.raise_due(room, key, top) {
+            let found = self.settle(&[(key, top)])? == 1;
+            self.note_raised(&[(room, key, top)]);
+            found
+        } else {
+            self.room_head(room)?.is_some_and(|h| h.key == *key)
+        };
+        if !exists {
             return Err(StoreError::NoSuchRoom);
         }
-        self.remember_seq(room, key, next - 1);
+        self.remember_seq(room, key, top);
         Ok(stored)
     }
 
@@ -997,7 +1311,7 @@ impl Store for MongoStore {
         let stored = self
             .room_doc(&room.name)?
             .ok_or_else(|| StoreError::Unavailable("room vanished while being created".into()))?;
-        self.number_legacy(&room.name)?;
+        self.number_legacy_given(&room.name, int_field(&stored, LAST_SEQ))?;
         Ok(room_from_doc(&stored))
     }
 
@@ -1048,13 +1362,13 @@ impl Store for MongoStore {
             return Ok(Vec::new());
         }
         self.ensure_prepared()?;
-        let Some(key) = self.room_key(room)? else {
+        let Some(head) = self.room_head(room)? else {
             return Err(StoreError::NoSuchRoom);
         };
-        self.number_legacy(room)?;
+        self.number_legacy_given(room, head.last_seq)?;
         let mut sent = Vec::with_capacity(batch.len());
         let mut top = 0;
-        let outcome = self.insert_numbered(room, &key, batch, &mut sent, &mut top);
+        let outcome = self.insert_numbered(room, &head, batch, &mut sent, &mut top);
         match &outcome {
             Ok(_) => {}
             Err(_) if sent.is_empty() => {}
@@ -1064,15 +1378,17 @@ impl Store for MongoStore {
             }
             Err(_) => {
                 let _ = self.take_back(&sent);
-                self.remember_seq(room, &key, top);
+                self.retire(&[(room, &head.key, top)]);
             }
         }
         outcome
     }
 
-    /// Several rooms in one insert: one query for the rooms, one
-    /// `insert_many` for every room's messages, one query to confirm the
-    /// rooms are still there, whatever the number of rooms. A numbering clash
+    /// Several rooms in one insert: one query for the room documents, one
+    /// `insert_many` for every room's messages, and a check that the rooms
+    /// are still there (a query, or the command raising their `last_seq`,
+    /// or both), whatever the number of rooms (see `append_together`). A
+    /// numbering clash
     /// (another process wrote into one of the rooms) takes this write's
     /// documents back out and stores room by room, where clashes are retried.
     fn append_many(&self, batches: &[RoomBatch]) -> Vec<StoreResult<Vec<StoredMessage>>> {
@@ -1132,6 +1448,10 @@ impl Store for MongoStore {
         limit: usize,
     ) -> StoreResult<Vec<StoredMessage>> {
         self.number_legacy(room)?;
+        // Both answered from the (room_id, seq) index on MongoDB: equality,
+        // then a range (`$exists` is the partial index's own filter, so it
+        // qualifies too; unlike a numeric range it keeps a legacy string
+        // seq in the history, as before).
         let filter = match before {
             Some(b) => doc! { "room_id": room, "seq": { "$lt": b } },
             None => doc! { "room_id": room, "seq": { "$exists": true } },
