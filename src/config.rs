@@ -91,7 +91,7 @@ pub struct Config {
     pub store_threads: Option<u32>,
 
     /// Threads writing chat messages, each one write in flight (default:
-    /// WORKERS on SQLite, 4 on MongoDB)
+    /// WORKERS on SQLite, 1 on MongoDB)
     #[arg(long, env = "STORE_WRITERS", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub store_writers: Option<u32>,
 
@@ -225,10 +225,13 @@ impl Config {
     }
 
     /// Threads of the write lane (chat messages), one write in flight each.
+    /// On MongoDB one write at a time, carrying every room's waiting
+    /// messages, measured best: on FerretDB two writers at 2,000 msg/s over
+    /// 200 rooms doubled the p99 (158 ms against 71 ms), four made it 397 ms.
     pub fn store_writers(&self) -> usize {
         match (self.store_writers, &self.mongo_uri) {
             (Some(n), _) => n as usize,
-            (None, Some(_)) => 4,
+            (None, Some(_)) => 1,
             (None, None) => self.worker_count(),
         }
     }
