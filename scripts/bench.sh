@@ -31,6 +31,9 @@
 #              (default target/bench/DATE)
 #   EXTRA      flags for every loadgen run, e.g. the 19,000-socket storm:
 #              --only joinstorm -- --conns 19000 --rooms 100 --in-flight 0
+# CHATSERVER_BIN=PATH runs that chatserver binary instead of this tree's
+# release build (the yardsticks and loadgen still come from this tree): a
+# before/after comparison builds the other commit elsewhere and points here.
 # The full run takes about 10 minutes per store after the build on 2 cores
 # (longer on FerretDB, whose joins are slower).
 set -euo pipefail
@@ -98,7 +101,7 @@ loadgen=$(exe loadgen)
 floor=$(exe floor)
 baseline=$(exe baseline_tokio)
 group_commit=$(exe group_commit)
-chatserver=${CARGO_TARGET_DIR:-$root/target}/release/chatserver
+chatserver=${CHATSERVER_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/chatserver}
 for f in "$loadgen" "$floor" "$baseline" "$group_commit" "$chatserver"; do
     if [[ -z $f || ! -x $f ]]; then
         echo "bench.sh: a benchmark binary is missing after the build ($f)" >&2
