@@ -233,7 +233,7 @@ impl Joins {
 }
 
 /// Encode stored messages as cache frames.
-pub(super) fn frames_of(stored: &[StoredMessage]) -> Vec<Frame> {
+fn frames_of(stored: &[StoredMessage]) -> Vec<Frame> {
     stored
         .iter()
         .map(|m| {
