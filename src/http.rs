@@ -4,6 +4,13 @@
 //! and says whether a whole request is there, how many bytes it used, or what
 //! status to answer when it can never be a valid request. Only the headers the
 //! server acts on are copied out, so the buffer can be drained right away.
+//!
+//! Framing is strict (RFC 9112 section 6): where a request ends must be read
+//! the same way by this server and by any proxy in front of it, or the bytes
+//! after it could be taken for a request the proxy never saw. So lines end in
+//! CRLF, `Content-Length` is digits and one value, and a request with
+//! `Transfer-Encoding` is never served. A request unclear on any of it is
+//! refused, which closes the connection with whatever follows it unread.
 
 use std::fmt::Write as _;
 
@@ -130,6 +137,9 @@ pub fn parse(buf: &[u8], limits: Limits) -> Parsed {
     if head_len > limits.max_head {
         return Parsed::Invalid(431, "Request header fields too large");
     }
+    if has_bare_lf(&buf[..head_len]) {
+        return Parsed::Invalid(400, "Request lines must end in CRLF");
+    }
     let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
         return Parsed::Invalid(400, "Malformed HTTP request");
     };
@@ -149,8 +159,7 @@ pub fn parse(buf: &[u8], limits: Limits) -> Parsed {
         return Parsed::Invalid(400, "Request target must be an absolute path");
     }
 
-    let mut content_length: Option<usize> = None;
-    let mut chunked = false;
+    let mut framing = Framing::default();
     let mut conn_close = false;
     let mut conn_upgrade = false;
     let mut upgrade_ws = false;
@@ -166,30 +175,17 @@ pub fn parse(buf: &[u8], limits: Limits) -> Parsed {
         let Ok(value) = std::str::from_utf8(h.value) else {
             return Parsed::Invalid(400, "Malformed header value");
         };
-        let value = value.trim();
+        let value = trim_ows(value);
         match field {
             Field::ContentLength => {
-                let Ok(n) = value.parse::<usize>() else {
-                    return Parsed::Invalid(400, "Invalid Content-Length header");
-                };
-                if content_length.is_some_and(|old| old != n) {
-                    return Parsed::Invalid(400, "Conflicting Content-Length headers");
-                }
-                content_length = Some(n);
-            }
-            Field::TransferEncoding => {
-                if value
-                    .split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("chunked"))
-                {
-                    chunked = true;
-                } else if !value.eq_ignore_ascii_case("identity") {
-                    return Parsed::Invalid(501, "Unsupported Transfer-Encoding");
+                if let Err(text) = framing.content_length(value) {
+                    return Parsed::Invalid(400, text);
                 }
             }
+            Field::TransferEncoding => framing.transfer_encoding(value),
             Field::Connection => {
                 for token in value.split(',') {
-                    let t = token.trim();
+                    let t = trim_ows(token);
                     if t.eq_ignore_ascii_case("close") {
                         conn_close = true;
                     } else if t.eq_ignore_ascii_case("upgrade") {
@@ -200,7 +196,7 @@ pub fn parse(buf: &[u8], limits: Limits) -> Parsed {
             Field::Upgrade => {
                 upgrade_ws = value
                     .split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("websocket"));
+                    .any(|t| trim_ows(t).eq_ignore_ascii_case("websocket"));
             }
             Field::Authorization => out.authorization = Some(value.to_owned()),
             Field::Origin => out.origin = Some(value.to_owned()),
@@ -220,13 +216,10 @@ pub fn parse(buf: &[u8], limits: Limits) -> Parsed {
     out.keep_alive = minor == 1 && !conn_close;
     out.wants_websocket = upgrade_ws && conn_upgrade;
 
-    if chunked {
-        return Parsed::Invalid(
-            411,
-            "Chunked request bodies are not accepted; send Content-Length",
-        );
-    }
-    let body_len = content_length.unwrap_or(0);
+    let body_len = match framing.body_len() {
+        Ok(n) => n,
+        Err((status, text)) => return Parsed::Invalid(status, text),
+    };
     if body_len > limits.max_body {
         return Parsed::Invalid(413, "Request body too large");
     }
@@ -239,6 +232,101 @@ pub fn parse(buf: &[u8], limits: Limits) -> Parsed {
     }
     out.body = buf[head_len..total].to_vec();
     Parsed::Complete(Box::new(out), total)
+}
+
+/// How a request's headers frame its body (RFC 9112 section 6), gathered
+/// over all its `Content-Length` and `Transfer-Encoding` fields.
+#[derive(Default)]
+struct Framing {
+    /// The one `Content-Length` value, once any was sent.
+    content_length: Option<usize>,
+    /// A `Transfer-Encoding` field was sent.
+    coded: bool,
+    /// Its codings, across all its fields: how often `chunked` appears,
+    /// whether another one does (`identity` too: RFC 9112 has no such coding
+    /// any more, and a proxy may frame it as anything), and whether one is
+    /// empty.
+    chunked: usize,
+    unknown: bool,
+    empty: bool,
+}
+
+impl Framing {
+    /// One `Content-Length` field: a list of decimal numbers, all equal to
+    /// each other and to those of any earlier field (RFC 9110 section 8.6).
+    /// No sign, no inner space, no empty element.
+    fn content_length(&mut self, value: &str) -> Result<(), &'static str> {
+        for item in value.split(',') {
+            let item = trim_ows(item);
+            if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
+                return Err("Invalid Content-Length header");
+            }
+            let Ok(n) = item.parse::<usize>() else {
+                return Err("Invalid Content-Length header");
+            };
+            if self.content_length.is_some_and(|old| old != n) {
+                return Err("Conflicting Content-Length headers");
+            }
+            self.content_length = Some(n);
+        }
+        Ok(())
+    }
+
+    /// One `Transfer-Encoding` field: a list of codings.
+    fn transfer_encoding(&mut self, value: &str) {
+        self.coded = true;
+        for item in value.split(',') {
+            let coding = trim_ows(item);
+            let chunked = coding.eq_ignore_ascii_case("chunked");
+            self.chunked += usize::from(chunked);
+            self.empty |= coding.is_empty();
+            self.unknown |= !chunked && !coding.is_empty();
+        }
+    }
+
+    /// The body length, or the answer that refuses the request: a body is
+    /// never framed by `Transfer-Encoding`. A coding other than `chunked` is
+    /// `501`; `chunked` alone asks for `411`; `chunked` with
+    /// `Content-Length` or twice is a body whose end is in doubt: `400`
+    /// (RFC 9112 section 6.3).
+    fn body_len(&self) -> Result<usize, (u16, &'static str)> {
+        if !self.coded {
+            return Ok(self.content_length.unwrap_or(0));
+        }
+        if self.empty {
+            return Err((400, "Malformed Transfer-Encoding header"));
+        }
+        if self.unknown {
+            return Err((501, "Unsupported Transfer-Encoding"));
+        }
+        if self.content_length.is_some() {
+            return Err((
+                400,
+                "Content-Length and Transfer-Encoding together; send Content-Length alone",
+            ));
+        }
+        if self.chunked > 1 {
+            return Err((400, "Invalid Transfer-Encoding: chunked more than once"));
+        }
+        Err((
+            411,
+            "Chunked request bodies are not accepted; send Content-Length",
+        ))
+    }
+}
+
+/// `s` without the optional whitespace (spaces and tabs, nothing else) that
+/// may surround a field value or a list element.
+fn trim_ows(s: &str) -> &str {
+    s.trim_matches([' ', '\t'])
+}
+
+/// Whether a request head has a line feed without its carriage return.
+/// `httparse` takes a bare LF for a line end (RFC 9112 section 2.2 allows
+/// it), but a proxy in front may take it for a byte inside a field value and
+/// so see other fields, and another body length, than this server does.
+fn has_bare_lf(head: &[u8]) -> bool {
+    head.first() == Some(&b'\n') || head.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r')
 }
 
 /// A response before serialisation.
@@ -477,6 +565,94 @@ mod tests {
             panic!()
         };
         assert!(!r.keep_alive);
+    }
+
+    /// The body length `parse` reads from `headers`, or its refusal.
+    fn framed(headers: &str) -> Result<usize, u16> {
+        let head = format!("POST / HTTP/1.1\r\n{headers}\r\n");
+        match parse(head.as_bytes(), LIMITS) {
+            Parsed::Complete(..) => Ok(0),
+            Parsed::Incomplete { .. } => {
+                match parse(&[head.as_bytes(), &[b'x'; 64]].concat(), LIMITS) {
+                    Parsed::Complete(r, _) => Ok(r.body.len()),
+                    other => panic!("{headers:?}: {other:?}"),
+                }
+            }
+            Parsed::Invalid(status, _) => Err(status),
+        }
+    }
+
+    #[test]
+    fn content_length_is_digits_and_one_value() {
+        assert_eq!(framed("Content-Length: 2\r\n"), Ok(2));
+        assert_eq!(
+            framed("Content-Length: 2, 2\r\nContent-Length: 02\r\n"),
+            Ok(2)
+        );
+        for bad in [
+            "+2",
+            "-1",
+            "1 1",
+            "0x2",
+            "",
+            "2,",
+            ",2",
+            "2, 3",
+            "2\u{a0}",
+            "99999999999999999999999",
+        ] {
+            assert_eq!(
+                framed(&format!("Content-Length: {bad}\r\n")),
+                Err(400),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            framed("Content-Length: 2\r\nContent-Length: 3\r\n"),
+            Err(400)
+        );
+    }
+
+    #[test]
+    fn transfer_encoding_never_frames_a_body() {
+        let te = |v: &str| framed(&format!("Transfer-Encoding: {v}\r\n"));
+        assert_eq!(te("Chunked"), Err(411));
+        for bad in ["chunked, chunked", "chunked,", ""] {
+            assert_eq!(te(bad), Err(400), "{bad:?}");
+        }
+        for unknown in [
+            "gzip",
+            "xchunked",
+            "gzip, chunked",
+            "chunked;x=1",
+            "identity",
+            "chunked, identity",
+        ] {
+            assert_eq!(te(unknown), Err(501), "{unknown:?}");
+        }
+        assert_eq!(
+            framed("Transfer-Encoding: chunked\r\nContent-Length: 2\r\n"),
+            Err(400)
+        );
+    }
+
+    #[test]
+    fn lines_end_in_crlf() {
+        for head in [
+            &b"GET / HTTP/1.1\nHost: x\n\n"[..],
+            b"GET / HTTP/1.1\r\nX: 1\nContent-Length: 2\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\n",
+            b"\nGET / HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse(head, LIMITS), Parsed::Invalid(400, _)),
+                "{head:?}"
+            );
+        }
+        assert!(matches!(
+            parse(b"\r\nGET / HTTP/1.1\r\n\r\n", LIMITS),
+            Parsed::Complete(..)
+        ));
     }
 
     #[test]

@@ -112,25 +112,17 @@ fn expect_100_continue_is_honoured() {
 }
 
 #[test]
-fn transfer_codings_other_than_identity_are_501_and_identity_is_served() {
+fn transfer_codings_other_than_chunked_are_501() {
+    // `identity` too: RFC 9112 has no such coding any more, and a proxy may
+    // frame its body otherwise than by the `Content-Length` beside it.
     let s = Server::start();
-    for coding in ["gzip", "deflate", "gzip, identity", "br"] {
+    for coding in ["gzip", "deflate", "gzip, identity", "br", "identity"] {
         let req = format!(
             "POST /register HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {coding}\r\n\
              Content-Length: 2\r\n\r\n{{}}"
         );
         assert_refused_and_closed(&s, req.as_bytes(), 501);
     }
-    let name = uniq("plain");
-    let body = json!({"username": name, "password_hash": "correct horse battery"}).to_string();
-    let req = format!(
-        "POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Transfer-Encoding: identity\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let r = raw_request(s.addr(), req.as_bytes());
-    assert_eq!(r.status, 200, "{}", r.body_text());
-    s.login(&name, "correct horse battery");
 }
 
 #[test]
