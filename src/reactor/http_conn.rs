@@ -27,8 +27,12 @@ use crate::rooms::{ConnRef, Rooms};
 use crate::ws::WsIo;
 
 /// A connection's unsent response bytes above which no further pipelined
-/// request is parsed until the peer reads.
-const HTTP_OUT_HIGH_WATER: usize = 1 << 20;
+/// request is parsed until the peer reads. With the input cap
+/// (`HTTP_MAX_HEAD` + `HTTP_MAX_BODY` + one read), this bounds what a client
+/// that pipelines and never reads can make the server hold. At 1 MiB, 500
+/// such clients held 564 MiB; a peer that reads gets its answers as fast at
+/// 64 KiB, which is more than a socket's send buffer takes at once.
+const HTTP_OUT_HIGH_WATER: usize = 64 << 10;
 
 pub(super) struct HttpConn {
     pub(super) sock: TcpStream,

@@ -1,0 +1,67 @@
+//! What a client that pipelines requests and never reads its answers can
+//! make the server hold: about one input cap (`HTTP_MAX_HEAD` +
+//! `HTTP_MAX_BODY` + one read) and one output high-water mark (64 KiB) per
+//! connection, not the megabyte of answers it used to queue.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn clients_that_pipeline_and_never_read_hold_little_and_chat_goes_on() {
+    const CONNS: usize = 100;
+    let s = Server::start();
+    let room = uniq("beside");
+    let mut alice = s.ws(&room, "alice");
+    alice.round_trip("before", WAIT);
+    let before = s.rss_kib();
+
+    // 100 KB of `GET /metrics` (a 10 KB answer each) per connection, sent
+    // until the server stops taking it; nothing is ever read.
+    let req = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    let payload: Vec<u8> = req.repeat(100_000 / req.len());
+    let mut attackers: Vec<(TcpStream, usize)> = (0..CONNS)
+        .map(|_| {
+            let c = TcpStream::connect(s.addr()).expect("connect");
+            c.set_nonblocking(true).expect("nonblocking");
+            (c, 0)
+        })
+        .collect();
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let mut progress = false;
+        for (c, sent) in attackers
+            .iter_mut()
+            .filter(|(_, sent)| *sent < payload.len())
+        {
+            if let Ok(n) = c.write(&payload[*sent..]) {
+                *sent += n;
+                progress |= n > 0;
+            }
+        }
+        if !progress {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let sent: usize = attackers.iter().map(|(_, n)| n).sum();
+    let grown = s.rss_kib().saturating_sub(before);
+    let per_conn = grown / CONNS as u64;
+    eprintln!("{CONNS} pipelining clients sent {sent} bytes; server RSS grew {grown} KiB, {per_conn} KiB each");
+    assert!(
+        sent >= CONNS * 64 * 1024,
+        "the clients could not even send 64 KiB each ({sent} bytes): the test proves nothing"
+    );
+    // 16 KiB head + 64 KiB body + a read + 64 KiB of answers + one answer,
+    // with room for the allocator; at a 1 MiB high-water mark it was 1,141.
+    assert!(per_conn < 400, "{per_conn} KiB held per pipelining client");
+
+    // A client that reads is served meanwhile.
+    alice.round_trip("during", WAIT);
+    assert_eq!(s.get("/healthz").status, 200);
+    drop(attackers);
+    alice.round_trip("after", WAIT);
+}
