@@ -293,13 +293,9 @@ fn fill_mongo(db: &mongodb::sync::Database, fill: &mut Fill, target: i64) {
     }
 }
 
-fn run_mongo(small: i64, large: i64, budget: Duration) {
-    let ferret = Ferret::start();
-    let client = mongodb::sync::Client::with_uri_str(&ferret.uri).expect("client");
-    let db = client.database(DB_NAME);
-    let store = MongoStore::connect(&ferret.uri, DB_NAME, Duration::from_secs(30))
-        .expect("connect the store");
-    store.prepare().expect("prepare");
+/// The bench's rooms, created through the store; an empty fill, and the
+/// rooms left for first appends.
+fn create_rooms(store: &dyn Store) -> (Fill, std::ops::Range<usize>) {
     for r in 0..ROOMS {
         store
             .create_room(&Room {
@@ -309,10 +305,20 @@ fn run_mongo(small: i64, large: i64, budget: Duration) {
             })
             .expect("create room");
     }
-    let mut fill = Fill {
+    let fill = Fill {
         per_room: vec![0; ROOMS],
     };
-    let mut fresh = READ_END..ROOMS;
+    (fill, READ_END..ROOMS)
+}
+
+fn run_mongo(small: i64, large: i64, budget: Duration) {
+    let ferret = Ferret::start();
+    let client = mongodb::sync::Client::with_uri_str(&ferret.uri).expect("client");
+    let db = client.database(DB_NAME);
+    let store = MongoStore::connect(&ferret.uri, DB_NAME, Duration::from_secs(30))
+        .expect("connect the store");
+    store.prepare().expect("prepare");
+    let (mut fill, mut fresh) = create_rooms(&store);
     let t = Instant::now();
     fill_mongo(&db, &mut fill, small);
     eprintln!(
@@ -377,19 +383,7 @@ fn fill_sqlite(store: &SqliteStore, fill: &mut Fill, target: i64) {
 fn run_sqlite(small: i64, large: i64, budget: Duration) {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = SqliteStore::open(dir.path()).expect("open the store");
-    for r in 0..ROOMS {
-        store
-            .create_room(&Room {
-                name: room_name(r),
-                creator: "bench".into(),
-                created_at: 1_600_000_000_000,
-            })
-            .expect("create room");
-    }
-    let mut fill = Fill {
-        per_room: vec![0; ROOMS],
-    };
-    let mut fresh = READ_END..ROOMS;
+    let (mut fill, mut fresh) = create_rooms(&store);
     fill_sqlite(&store, &mut fill, small);
     eprintln!("sqlite: filled to {} messages; measuring", fill.total());
     let a = measure(&store, &mut fill, &mut fresh, budget);
