@@ -99,6 +99,8 @@ pub struct Counters {
     pub messages_delivered: u64,
     pub slow_consumer_closes: u64,
     pub accept_pauses: u64,
+    /// Connections closed, for any reason, since start.
+    pub connections_closed: u64,
 }
 
 /// Helper to write one gauge or counter.

@@ -311,6 +311,7 @@ impl Conns {
             conn.id,
             std::panic::Location::caller()
         );
+        self.counters.connections_closed += 1;
         match conn.kind {
             Kind::Http(_) => self.counters.http_connections -= 1,
             Kind::Ws(w) => {

@@ -79,6 +79,20 @@ impl Reactor {
         );
         sample(
             &mut out,
+            "chatconnect_connections_closed_total",
+            "counter",
+            "Connections closed, for any reason.",
+            c.connections_closed,
+        );
+        sample(
+            &mut out,
+            "chatconnect_memory_trims_total",
+            "counter",
+            "Times freed memory was given back to the system after a wave of closes.",
+            self.trim.count,
+        );
+        sample(
+            &mut out,
             "chatconnect_accept_pauses_total",
             "counter",
             "Times accepting paused because descriptors ran out.",

@@ -24,6 +24,7 @@
 //! | `fanout.rs` | a stored batch queued to every member; slow consumers; closing a room |
 //! | `completions.rs` | the worker lanes, and the one place finished work comes back |
 //! | `timers.rs` | deadlines and pings |
+//! | `trim.rs` | giving freed memory back after a wave of closes |
 //! | `shutdown.rs` | the graceful stop |
 //! | `metrics_text.rs` | the `/metrics` page |
 //!
@@ -39,6 +40,7 @@ mod metrics_text;
 mod pipeline;
 mod shutdown;
 mod timers;
+mod trim;
 mod ws_conn;
 
 use std::io;
@@ -61,6 +63,7 @@ use conns::{Conns, Kind, LISTENER, WAKER};
 use joins::Joins;
 use pipeline::Pipeline;
 use shutdown::Shutdown;
+use trim::Trim;
 
 pub use completions::{BatchOf, Outcome};
 pub use joins::RESUME_LIMIT;
@@ -95,6 +98,8 @@ pub struct Reactor {
     shared: Arc<Shared>,
     /// How often deadlines are checked (`timers.rs`).
     tick: Duration,
+    /// When freed memory was last given back (`trim.rs`).
+    trim: Trim,
     /// Events buffer for taking socket events in the middle of a pass.
     mid_pass_events: Option<Events>,
 }
@@ -132,6 +137,7 @@ impl Reactor {
             shutdown: Shutdown::new(stop, cfg.shutdown_timeout),
             shared,
             tick: timers::interval(&cfg),
+            trim: Trim::new(),
             mid_pass_events: Some(Events::with_capacity(1024)),
             conns,
         };
@@ -175,6 +181,8 @@ impl Reactor {
             if now >= next_tick {
                 timers::on_tick(&mut self.conns, &mut self.rooms, now);
                 self.flush_all();
+                self.trim
+                    .on_tick(self.conns.counters.connections_closed, now);
                 next_tick = now + self.tick;
             }
             if self.shutdown.requested() {
