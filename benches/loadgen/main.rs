@@ -93,6 +93,35 @@ impl Outcome {
             self.metrics.insert(k.to_string(), v);
         }
     }
+
+    /// Record the server's resident size before (`keys[0]`) and after
+    /// (`keys[1]`) a load, in MiB, and its growth per each of `n` `things`
+    /// (`keys[2]`, bytes); a note when there was no figure to read.
+    pub fn set_rss_growth(
+        &mut self,
+        before_kib: Option<u64>,
+        after_kib: Option<u64>,
+        n: u64,
+        keys: [&str; 3],
+        things: &str,
+    ) {
+        let (Some(r0), Some(r1)) = (before_kib, after_kib) else {
+            self.notes
+                .push("no --server-pid (or unreadable /proc): no memory figure".into());
+            return;
+        };
+        self.set(keys[0], r0 as f64 / 1024.0);
+        self.set(keys[1], r1 as f64 / 1024.0);
+        if n > 0 {
+            let per = (r1 as f64 - r0 as f64) * 1024.0 / n as f64;
+            self.set(keys[2], per.round());
+            eprintln!(
+                "  server RSS {:.1} MiB -> {:.1} MiB: {per:.0} bytes per {things}",
+                r0 as f64 / 1024.0,
+                r1 as f64 / 1024.0
+            );
+        }
+    }
 }
 
 fn main() {

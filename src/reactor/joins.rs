@@ -233,9 +233,8 @@ impl Joins {
 }
 
 /// Encode stored messages as cache frames.
-fn frames_of(stored: &[StoredMessage]) -> Vec<Frame> {
+fn frames_of<'a>(stored: impl Iterator<Item = &'a StoredMessage>) -> Vec<Frame> {
     stored
-        .iter()
         .map(|m| {
             let mut bytes = Vec::new();
             ws::message_frame_into(&mut bytes, m);
@@ -266,8 +265,7 @@ pub(super) fn begin(
         Some(Answer::History(bytes, last)) => {
             // A trusted entry means the room is in the store.
             if let Some(r) = rooms.get_mut(room_key) {
-                r.confirmed = true;
-                pipeline.queue_room(room_key, r);
+                pipeline.confirm(room_key, r);
             }
             joins.stats.shared_reads += 1;
             return go_live(conns, rooms, conn, bytes, last);
@@ -353,8 +351,7 @@ pub(super) fn loaded(
     // The room exists in the store now: its batches may go.
     let name = room.name.clone();
     let fenced = room.deleting > 0 || room.tombstone;
-    room.confirmed = true;
-    pipeline.queue_room(room_key, room);
+    pipeline.confirm(room_key, room);
 
     // Every message stored above `floor` is in `frames`: the history (all
     // of the room when it is shorter than asked), then what was stored
@@ -366,10 +363,9 @@ pub(super) fn loaded(
     };
     let first_stored = load.stored.first().map(|f| f.0);
     let mut frames = frames_of(
-        &history
-            .into_iter()
-            .filter(|m| first_stored.is_none_or(|f| m.seq < f))
-            .collect::<Vec<_>>(),
+        history
+            .iter()
+            .filter(|m| first_stored.is_none_or(|f| m.seq < f)),
     );
     frames.extend(load.stored);
     if let (Some(generation), false, false) = (load.generation, load.tainted, fenced) {
@@ -505,8 +501,7 @@ pub(super) fn joined(
     if result.is_ok() {
         if let Some(key) = rooms.key_of(room) {
             if let Some(r) = rooms.get_mut(key) {
-                r.confirmed = true;
-                pipeline.queue_room(key, r);
+                pipeline.confirm(key, r);
             }
         }
     }

@@ -104,6 +104,13 @@ impl Pipeline {
         }
     }
 
+    /// The store holds room `key` now (a join created or found it): its
+    /// messages may be written, and any waiting are listed.
+    pub(super) fn confirm(&mut self, key: usize, room: &mut Room) {
+        room.confirmed = true;
+        self.queue_room(key, room);
+    }
+
     /// Rooms are waiting for a store write and a write may start.
     pub(super) fn can_submit(&self) -> bool {
         !self.dirty_rooms.is_empty()

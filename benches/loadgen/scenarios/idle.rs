@@ -70,22 +70,13 @@ pub fn run(ctx: &Ctx) -> Result<Outcome, String> {
     out.set("connect_rate", ok as f64 / connect_secs);
     out.set("conns_held", status.alive as f64);
     out.set("history_frames", status.history_frames as f64);
-    if let (Some(r0), Some(&r1)) = (rss0, rss_samples.last()) {
-        out.set("rss_base_mib", r0 as f64 / 1024.0);
-        out.set("rss_held_mib", r1 as f64 / 1024.0);
-        if ok > 0 {
-            let per = (r1 as f64 - r0 as f64) * 1024.0 / ok as f64;
-            out.set("rss_per_conn_bytes", per.round());
-            eprintln!(
-                "  server RSS {:.1} MiB -> {:.1} MiB: {per:.0} bytes per connection",
-                r0 as f64 / 1024.0,
-                r1 as f64 / 1024.0
-            );
-        }
-    } else {
-        out.notes
-            .push("no --server-pid (or unreadable /proc): no memory figure".into());
-    }
+    out.set_rss_growth(
+        rss0,
+        rss_samples.last().copied(),
+        ok,
+        ["rss_base_mib", "rss_held_mib", "rss_per_conn_bytes"],
+        "connection",
+    );
     if failed > 0 || status.alive < ok {
         out.ok = false;
         out.notes.push(format!(

@@ -191,22 +191,13 @@ pub fn run(ctx: &Ctx) -> Result<Outcome, String> {
     }
     out.set("held", status.alive as f64);
     out.set("frames_after_history", status.live_frames as f64);
-    if let (Some(r0), Some(r1)) = (rss0, rss1) {
-        out.set("rss_before_mib", r0 as f64 / 1024.0);
-        out.set("rss_after_mib", r1 as f64 / 1024.0);
-        if rep.joined > 0 {
-            let per = (r1 as f64 - r0 as f64) * 1024.0 / rep.joined as f64;
-            out.set("rss_per_socket_bytes", per.round());
-            eprintln!(
-                "  server RSS {:.1} MiB -> {:.1} MiB: {per:.0} bytes per socket",
-                r0 as f64 / 1024.0,
-                r1 as f64 / 1024.0
-            );
-        }
-    } else {
-        out.notes
-            .push("no --server-pid (or unreadable /proc): no memory figure".into());
-    }
+    out.set_rss_growth(
+        rss0,
+        rss1,
+        rep.joined,
+        ["rss_before_mib", "rss_after_mib", "rss_per_socket_bytes"],
+        "socket",
+    );
     if rep.joined < conns || rep.history_exact < rep.joined {
         out.ok = false;
         out.notes.push(format!(
