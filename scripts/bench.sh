@@ -160,6 +160,18 @@ stop_ferret() {
 }
 trap 'stop_target; stop_ferret' EXIT
 
+# scrape_metrics FILE: chatserver's /metrics page at $addr into FILE (bash's
+# /dev/tcp, so nothing else is needed).
+scrape_metrics() {
+    local host=${addr%:*} port=${addr##*:}
+    {
+        exec 3<>"/dev/tcp/$host/$port" &&
+            printf 'GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n' >&3 &&
+            timeout 10 cat <&3
+        exec 3<&-
+    } >"$1" 2>/dev/null || true
+}
+
 # start_target TARGET SCENARIO NAME [STORE]: sets pid and addr; NAME names
 # the log.
 start_target() {
@@ -241,6 +253,7 @@ for scn in ${only//,/ }; do
                 echo "   ($scn against $t${st:+ on $st} reported a failure; see above and $out)"
                 failed=$((failed + 1))
             fi
+            [[ $t == chatserver ]] && scrape_metrics "$out/$name.metrics.txt"
             stop_target
         done
     done
@@ -267,6 +280,20 @@ report=$out/report.md
             echo
         fi
     done
+    if compgen -G "$out/*.metrics.txt" >/dev/null; then
+        echo "Client memory of chatserver at the end of each run (\`/metrics\`; the budget"
+        echo "is \`MAX_CLIENT_MEMORY\`, and members that read must never be closed for it):"
+        echo
+        echo "| run | peak bytes | budget bytes | closed for the budget | slow-consumer closes |"
+        echo "|---|---|---|---|---|"
+        for f in "$out"/*.metrics.txt; do
+            m() { awk -v n="$1" '$1 == n { print $2 }' "$f"; }
+            echo "| $(basename "$f" .metrics.txt) | $(m chatconnect_client_memory_peak_bytes) |" \
+                "$(m chatconnect_client_memory_budget_bytes) | $(m chatconnect_client_memory_closes_total) |" \
+                "$(m chatconnect_slow_consumer_closes_total) |"
+        done
+        echo
+    fi
     echo "Servers and load generator, in the order run:"
     echo
     echo '```'

@@ -115,6 +115,11 @@ pub struct Config {
     #[arg(long, env = "WS_MAX_BACKLOG", default_value = "1MiB", value_parser = parse_size)]
     pub ws_max_backlog: usize,
 
+    /// Bytes all connections' buffers may hold together; over it, the
+    /// connections holding the most are closed (0 = no cap)
+    #[arg(long, env = "MAX_CLIENT_MEMORY", default_value = "64MiB", value_parser = parse_size)]
+    pub max_client_memory: usize,
+
     /// Largest WebSocket frame or message (1009 above it)
     #[arg(long, env = "WS_MAX_MESSAGE", default_value = "64KiB", value_parser = parse_size)]
     pub ws_max_message: usize,
@@ -173,6 +178,7 @@ pub const VARIABLES: &[&str] = &[
     "WS_RATE_BURST",
     "WS_MAX_BACKLOG",
     "WS_MAX_MESSAGE",
+    "MAX_CLIENT_MEMORY",
     "PING_INTERVAL",
     "HTTP_HEADER_TIMEOUT",
     "HTTP_IDLE_TIMEOUT",

@@ -22,6 +22,8 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
 
+use crate::outbuf::Chunk;
+
 /// One frame of the cache: a message's `seq` and its encoded frame.
 pub type Frame = (i64, Rc<[u8]>);
 
@@ -42,7 +44,7 @@ struct Entry {
     generation: u64,
     /// What a new member gets, built by the first one and shared by all
     /// until the next batch.
-    newest: Option<Rc<[u8]>>,
+    newest: Option<Rc<Chunk>>,
 }
 
 impl Entry {
@@ -61,7 +63,7 @@ pub enum Answer {
     /// The frames to send, oldest first, back to back in one shared chunk,
     /// and the highest seq the room has stored (what the member has now seen
     /// up to). Every new member of a room shares one chunk.
-    History(Rc<[u8]>, i64),
+    History(Rc<Chunk>, i64),
     /// The member resumes from before what the cache holds: the store must
     /// answer.
     TooOld,
@@ -98,14 +100,14 @@ pub fn answer(
     floor: i64,
     since: Option<i64>,
     limit: usize,
-    newest: &mut Option<Rc<[u8]>>,
+    newest: &mut Option<Rc<Chunk>>,
 ) -> Answer {
     let last = frames.last().map_or(floor, |f| f.0);
     match since {
         // A position at or past the newest message: nothing to resend. Past
         // the newest is no position in this room (the client saw an earlier
         // room of this name): it gets what a new member gets.
-        Some(s) if s == last => Answer::History(Rc::from(&[][..]), last),
+        Some(s) if s == last => Answer::History(Chunk::new(Vec::new()), last),
         // Seqs start at 1: a floor of 0 holds the whole room.
         Some(s) if s < last && s < floor && floor > 0 => Answer::TooOld,
         Some(s) if s < last => {
@@ -124,12 +126,12 @@ pub fn answer(
 }
 
 /// Frames back to back in one chunk.
-pub fn concat(frames: &[Frame]) -> Rc<[u8]> {
+pub fn concat(frames: &[Frame]) -> Rc<Chunk> {
     let mut bytes = Vec::with_capacity(frames.iter().map(|f| f.1.len()).sum());
     for f in frames {
         bytes.extend_from_slice(&f.1);
     }
-    Rc::from(bytes)
+    Chunk::new(bytes)
 }
 
 fn frame_cost(f: &Frame) -> usize {

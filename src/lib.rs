@@ -21,6 +21,7 @@ pub mod rooms;
 pub mod store;
 pub mod workers;
 pub mod ws;
+pub mod ws_input;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

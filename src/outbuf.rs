@@ -1,13 +1,23 @@
-//! A connection's unsent bytes.
+//! A connection's unsent bytes, and the count of what all the queues hold.
 //!
 //! Chunks are reference-counted so that one encoded broadcast frame is queued
 //! to every member of a room without a copy. Writes are vectored: one `writev`
 //! sends as many queued chunks as the socket takes. An empty queue holds no
 //! heap memory, which keeps idle connections small.
+//!
+//! The count: every queue of the reactor thread adds to one total, kept as
+//! chunks are queued, written and dropped ([`queued_bytes`]). A chunk queued
+//! to many connections is counted once, while at least one queue holds it,
+//! because it is held once; each queue's slots are counted too. A queue's own
+//! [`OutBuf::len`] counts every chunk it holds in full: that is how much it
+//! keeps alive, which is what the memory budget ranks connections by.
+//! Used by every connection (`crate::reactor`) and, through `WsIo`, by
+//! tungstenite for the bytes it writes itself.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
+use std::ops::Deref;
 use std::rc::Rc;
 
 /// Chunks handed to one `writev` call at most.
@@ -16,15 +26,95 @@ const MAX_IOVECS: usize = 64;
 /// buffer and sent with a plain `write`: for a few small frames the copy is
 /// cheaper than the kernel walking an iovec of tiny segments.
 const GATHER_MAX: usize = 16 * 1024;
+/// Bytes of one queue slot.
+const SLOT: usize = std::mem::size_of::<Rc<Chunk>>();
 
 thread_local! {
     /// The copy buffer of [`OutBuf::write_to`], one per thread (the reactor).
     static GATHER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Bytes held by this thread's queues: distinct chunks, and slots.
+    static QUEUED: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Bytes held by all the queues of this thread: each distinct chunk once,
+/// plus the queues' slots.
+pub fn queued_bytes() -> usize {
+    QUEUED.with(Cell::get)
+}
+
+fn count_up(n: usize) {
+    QUEUED.with(|q| q.set(q.get() + n));
+}
+
+fn count_down(n: usize) {
+    QUEUED.with(|q| q.set(q.get() - n));
+}
+
+/// Bytes to send, possibly to many connections.
+pub struct Chunk {
+    bytes: Box<[u8]>,
+    /// Queues holding it (it is counted in [`queued_bytes`] while not 0).
+    queues: Cell<usize>,
+}
+
+impl Chunk {
+    pub fn new(bytes: impl Into<Box<[u8]>>) -> Rc<Chunk> {
+        Rc::new(Chunk {
+            bytes: bytes.into(),
+            queues: Cell::new(0),
+        })
+    }
+
+    fn enqueued(&self) {
+        let n = self.queues.get();
+        if n == 0 {
+            count_up(self.bytes.len());
+        }
+        self.queues.set(n + 1);
+    }
+
+    fn dequeued(&self) {
+        let n = self.queues.get() - 1;
+        self.queues.set(n);
+        if n == 0 {
+            count_down(self.bytes.len());
+        }
+    }
+}
+
+/// A chunk kept outside a queue (a frame a joining member keeps until its
+/// history is out), counted in [`queued_bytes`] as a queued one is: once,
+/// however many keep it.
+pub struct Kept(Rc<Chunk>);
+
+impl Kept {
+    pub fn new(chunk: Rc<Chunk>) -> Kept {
+        chunk.enqueued();
+        Kept(chunk)
+    }
+
+    /// The chunk, to be queued.
+    pub fn chunk(&self) -> Rc<Chunk> {
+        self.0.clone()
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        self.0.dequeued();
+    }
+}
+
+impl Deref for Chunk {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 #[derive(Default)]
 pub struct OutBuf {
-    chunks: VecDeque<Rc<[u8]>>,
+    chunks: VecDeque<Rc<Chunk>>,
     /// Bytes of the front chunk already written.
     offset: usize,
     /// Unsent bytes in all chunks.
@@ -42,17 +132,30 @@ impl OutBuf {
     }
 
     /// Queue a shared chunk.
-    pub fn push(&mut self, chunk: Rc<[u8]>) {
+    pub fn push(&mut self, chunk: Rc<Chunk>) {
         if chunk.is_empty() {
             return;
         }
         self.len += chunk.len();
+        chunk.enqueued();
+        let before = self.chunks.capacity();
         self.chunks.push_back(chunk);
+        self.slots_changed(before);
     }
 
     /// Queue bytes owned by this connection alone.
     pub fn push_bytes(&mut self, bytes: &[u8]) {
-        self.push(Rc::from(bytes));
+        self.push(Chunk::new(bytes));
+    }
+
+    /// Count a change of the slots' capacity from `before`.
+    fn slots_changed(&mut self, before: usize) {
+        let after = self.chunks.capacity();
+        if after > before {
+            count_up((after - before) * SLOT);
+        } else {
+            count_down((before - after) * SLOT);
+        }
     }
 
     /// Drop everything not yet started, keeping the rest of a chunk that is
@@ -62,10 +165,15 @@ impl OutBuf {
         while self.chunks.len() > keep {
             if let Some(c) = self.chunks.pop_back() {
                 self.len -= c.len();
+                c.dequeued();
             }
         }
         if self.chunks.is_empty() {
             self.release();
+        } else {
+            let before = self.chunks.capacity();
+            self.chunks.shrink_to_fit();
+            self.slots_changed(before);
         }
     }
 
@@ -120,7 +228,9 @@ impl OutBuf {
             if written >= rest {
                 written -= rest;
                 self.offset = 0;
-                self.chunks.pop_front();
+                if let Some(c) = self.chunks.pop_front() {
+                    c.dequeued();
+                }
             } else {
                 self.offset += written;
                 written = 0;
@@ -132,8 +242,19 @@ impl OutBuf {
     fn release(&mut self) {
         self.offset = 0;
         if self.chunks.capacity() > 0 {
+            let before = self.chunks.capacity();
             self.chunks = VecDeque::new();
+            self.slots_changed(before);
         }
+    }
+}
+
+impl Drop for OutBuf {
+    fn drop(&mut self) {
+        for c in self.chunks.drain(..) {
+            c.dequeued();
+        }
+        count_down(self.chunks.capacity() * SLOT);
     }
 }
 
@@ -166,7 +287,7 @@ mod tests {
     fn partial_writes_keep_order_and_resume() {
         let mut q = OutBuf::default();
         q.push_bytes(b"hello ");
-        q.push(Rc::from(&b"shared "[..]));
+        q.push(Chunk::new(&b"shared "[..]));
         q.push_bytes(b"world");
         let mut sink = Trickle {
             got: Vec::new(),
@@ -191,7 +312,7 @@ mod tests {
         for i in 0..40u8 {
             let chunk: Vec<u8> = (0..1000).map(|j| i.wrapping_mul(31) ^ (j as u8)).collect();
             want.extend_from_slice(&chunk);
-            q.push(Rc::from(chunk));
+            q.push(Chunk::new(chunk));
         }
         let mut sink = Trickle {
             got: Vec::new(),
@@ -223,5 +344,39 @@ mod tests {
         sink.limit = 100;
         assert!(q.write_to(&mut sink).unwrap());
         assert_eq!(sink.got, b"abcdefZ");
+    }
+
+    #[test]
+    fn shared_chunks_count_once_and_everything_goes_back() {
+        let shared = Chunk::new(vec![7u8; 1000]);
+        let mut a = OutBuf::default();
+        let mut b = OutBuf::default();
+        a.push(shared.clone());
+        b.push(shared.clone());
+        b.push_bytes(&[1u8; 10]);
+        let slots = (a.chunks.capacity() + b.chunks.capacity()) * SLOT;
+        assert_eq!(queued_bytes(), 1000 + 10 + slots);
+        assert_eq!((a.len(), b.len()), (1000, 1010));
+        // Written out of one queue: still held by the other.
+        let mut sink = Trickle {
+            got: Vec::new(),
+            step: usize::MAX,
+            limit: usize::MAX,
+        };
+        assert!(a.write_to(&mut sink).unwrap());
+        assert_eq!(queued_bytes(), 1000 + 10 + b.chunks.capacity() * SLOT);
+        b.discard_unstarted();
+        assert_eq!(queued_bytes(), 0);
+        // Kept outside a queue (a joining member's frame), then queued: still
+        // once.
+        let kept = Kept::new(shared.clone());
+        assert_eq!(queued_bytes(), 1000);
+        b.push(kept.chunk());
+        drop(kept);
+        assert!(queued_bytes() > 1000);
+        drop(b);
+        drop(a);
+        assert_eq!(queued_bytes(), 0);
+        drop(shared);
     }
 }

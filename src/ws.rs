@@ -17,6 +17,7 @@ use tungstenite::protocol::WebSocketConfig;
 
 use crate::outbuf::OutBuf;
 use crate::store::{Millis, StoredMessage};
+use crate::ws_input::InputTally;
 
 /// Initial read buffer of a WebSocket. It grows for a large frame; idle
 /// connections keep only this much.
@@ -26,11 +27,25 @@ pub const READ_BUFFER: usize = 512;
 pub struct WsIo {
     pub sock: TcpStream,
     pub out: OutBuf,
+    /// What tungstenite holds of the input (`crate::ws_input`).
+    pub input: InputTally,
+}
+
+impl WsIo {
+    /// The stream of a connection just upgraded; `early` is what the client
+    /// sent after its upgrade request, which tungstenite is given first.
+    pub fn new(sock: TcpStream, out: OutBuf, early: &[u8]) -> WsIo {
+        let mut input = InputTally::default();
+        input.fed(early);
+        WsIo { sock, out, input }
+    }
 }
 
 impl Read for WsIo {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.sock.read(buf)
+        let n = self.sock.read(buf)?;
+        self.input.fed(&buf[..n]);
+        Ok(n)
     }
 }
 

@@ -7,7 +7,6 @@
 mod common;
 
 use std::io::Write;
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::contract::ensure_fd_limit;
@@ -23,17 +22,10 @@ fn clients_that_pipeline_and_never_read_hold_little_and_memory_comes_back() {
     alice.round_trip("before", WAIT);
     let before = s.rss_kib();
 
-    // 100 KB of `GET /metrics` (a 10 KB answer each) per connection, sent
-    // until the server stops taking it; nothing is ever read.
-    let req = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
-    let payload: Vec<u8> = req.repeat(100_000 / req.len());
-    let mut attackers: Vec<(TcpStream, usize)> = (0..CONNS)
-        .map(|_| {
-            let c = TcpStream::connect(s.addr()).expect("connect");
-            c.set_nonblocking(true).expect("nonblocking");
-            (c, 0)
-        })
-        .collect();
+    // 100 KB of `GET /metrics` per connection, sent until the server stops
+    // taking it; nothing is ever read.
+    let payload = pipelined_metrics_requests();
+    let mut attackers = open_pipeliners(&s, CONNS);
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
         let mut progress = false;

@@ -156,20 +156,6 @@ fn fragmented_text_message_is_reassembled() {
     assert_eq!(m["username"], "pieces");
 }
 
-/// A WebSocket on a socket with a small receive buffer, so that what the
-/// server sends it backs up at once when it does not read.
-fn non_reading_member(s: &Server, path: &str) -> RawWs {
-    let sock = socket2::Socket::new(
-        socket2::Domain::IPV4,
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )
-    .expect("socket");
-    sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-    sock.connect(&s.addr().into()).expect("connect");
-    RawWs::handshake(sock.into(), s.addr(), path)
-}
-
 #[test]
 fn slow_consumer_is_closed_with_1008_and_memory_stays_bounded() {
     let s = Server::start_with(&[("WS_MAX_BACKLOG", "256KiB"), ("WS_RATE_LIMIT", "0")]);

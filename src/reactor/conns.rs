@@ -51,6 +51,8 @@ pub(super) enum Kind {
 
 pub(super) struct Conn {
     pub(super) id: u64,
+    /// Its input bytes as last counted into `Conns::inputs` ([`Conns::settle`]).
+    inputs: usize,
     /// Registered for writable events (output is waiting on the socket).
     want_write: bool,
     /// In the flush list.
@@ -69,6 +71,30 @@ impl Conn {
             }
             Kind::Upgrading => None,
         }
+    }
+
+    /// Input bytes it holds: an HTTP connection's buffer; what tungstenite
+    /// holds of a WebSocket's input, and the slots of the frames a joining
+    /// member keeps until its history is out (the frames are counted as
+    /// queued chunks).
+    fn input_bytes(&self) -> usize {
+        match &self.kind {
+            Kind::Http(h) => h.inbuf.capacity(),
+            Kind::Ws(w) => w.ws.get_ref().input.held() + w.waiting_slots(),
+            Kind::Upgrading => 0,
+        }
+    }
+
+    /// Bytes it holds, or keeps alive: its input, and every chunk in its
+    /// queue or kept while joining in full (shared or not). The memory budget closes the
+    /// connections with the most first.
+    pub(super) fn held(&self) -> usize {
+        let out = match &self.kind {
+            Kind::Http(h) => h.out.len(),
+            Kind::Ws(w) => w.ws.get_ref().out.len() + w.waiting_bytes(),
+            Kind::Upgrading => 0,
+        };
+        self.inputs + out
     }
 }
 
@@ -97,6 +123,8 @@ pub(super) struct Conns {
     accept_paused: bool,
     slab: Slab<Conn>,
     next_id: u64,
+    /// The connections' input bytes, as last settled.
+    inputs: usize,
     /// Connections with output queued in this pass, written at its end.
     flush_list: Vec<usize>,
     /// Connections that stopped early to let others run.
@@ -127,6 +155,7 @@ impl Conns {
             accept_paused: false,
             slab: Slab::with_capacity(1024),
             next_id: 0,
+            inputs: 0,
             flush_list: Vec::new(),
             again: Vec::new(),
         };
@@ -176,6 +205,7 @@ impl Conns {
                     let deadline = Instant::now() + self.cfg.http_header_timeout;
                     entry.insert(Conn {
                         id: self.next_id,
+                        inputs: 0,
                         want_write: false,
                         queued: false,
                         kind: Kind::Http(Box::new(HttpConn::new(sock, deadline))),
@@ -259,6 +289,10 @@ impl Conns {
         self.slab.get(token).map(|c| &c.kind)
     }
 
+    pub(super) fn get(&self, token: usize) -> Option<&Conn> {
+        self.slab.get(token)
+    }
+
     pub(super) fn get_mut(&mut self, token: usize) -> Option<&mut Conn> {
         self.slab.get_mut(token)
     }
@@ -312,6 +346,7 @@ impl Conns {
             std::panic::Location::caller()
         );
         self.counters.connections_closed += 1;
+        self.inputs -= conn.inputs;
         match conn.kind {
             Kind::Http(_) => self.counters.http_connections -= 1,
             Kind::Ws(w) => {
@@ -337,6 +372,35 @@ impl Conns {
         std::mem::take(&mut self.again)
     }
 
+    // ----- memory --------------------------------------------------------
+
+    /// Bytes held by all connections' buffers: their input (as last
+    /// settled) and their queues (counted as they change, shared chunks
+    /// once: `crate::outbuf`).
+    pub(super) fn client_memory(&self) -> usize {
+        self.inputs + crate::outbuf::queued_bytes()
+    }
+
+    /// Count `token`'s input bytes again after they may have changed. Every
+    /// step that reads input or queues output ends in `schedule_flush`,
+    /// which settles; the few that do not call this themselves.
+    pub(super) fn settle(&mut self, token: usize) {
+        if let Some(c) = self.slab.get_mut(token) {
+            let now = c.input_bytes();
+            self.inputs = self.inputs - c.inputs + now;
+            c.inputs = now;
+        }
+    }
+
+    /// Each connection's token and [`Conn::held`] bytes, where not zero.
+    pub(super) fn holders(&self) -> Vec<(usize, usize)> {
+        self.slab
+            .iter()
+            .map(|(t, c)| (c.held(), t))
+            .filter(|&(held, _)| held > 0)
+            .collect()
+    }
+
     // ----- writing -------------------------------------------------------
 
     /// Queue `token` for the end-of-pass flush, after something was queued
@@ -345,6 +409,7 @@ impl Conns {
     /// (`ws_conn::schedule_flush` holds a WebSocket's backlog against the
     /// limit then).
     pub(super) fn schedule_flush(&mut self, token: usize) -> Scheduled {
+        self.settle(token);
         let Some(c) = self.slab.get_mut(token) else {
             return Scheduled::ThisPass;
         };

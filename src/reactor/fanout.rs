@@ -10,6 +10,7 @@ use std::rc::Rc;
 
 use super::conns::Conns;
 use super::ws_conn::{self, Phase};
+use crate::outbuf::{Chunk, Kept};
 use crate::rooms::Rooms;
 use crate::store::StoredMessage;
 use crate::ws::{self, close};
@@ -17,7 +18,7 @@ use crate::ws::{self, close};
 /// A batch of stored messages encoded once: the frames back to back in one
 /// shared chunk, frame `i` ending at `ends[i]` with seq `seqs[i]` (rising).
 pub(super) struct Encoded {
-    chunk: Rc<[u8]>,
+    chunk: Rc<Chunk>,
     ends: Vec<usize>,
     seqs: Vec<i64>,
 }
@@ -33,7 +34,7 @@ impl Encoded {
             seqs.push(m.seq);
         }
         Encoded {
-            chunk: Rc::from(bytes),
+            chunk: Chunk::new(bytes),
             ends,
             seqs,
         }
@@ -84,6 +85,9 @@ fn broadcast(
     };
     let max_backlog = conns.cfg.ws_max_backlog;
     let mut delivered = 0;
+    // Members still joining keep single frames: made once, on first need,
+    // and shared by all of them.
+    let mut singles: Option<Vec<Rc<Chunk>>> = None;
     for (_, &token) in room.members.iter() {
         let Some(w) = conns.ws_mut(token) else {
             continue;
@@ -106,14 +110,19 @@ fn broadcast(
                 }
             }
             Phase::Joining { buffered, bytes } => {
-                for (i, &seq) in batch.seqs.iter().enumerate() {
-                    let frame = batch.frame(i);
-                    buffered.push((seq, Rc::from(frame)));
+                let frames = singles.get_or_insert_with(|| {
+                    (0..batch.seqs.len())
+                        .map(|i| Chunk::new(batch.frame(i)))
+                        .collect()
+                });
+                for (&seq, frame) in batch.seqs.iter().zip(frames.iter()) {
                     *bytes += frame.len();
+                    buffered.push((seq, Kept::new(frame.clone())));
                 }
                 if *bytes > max_backlog {
                     slow.push(token);
                 }
+                conns.settle(token);
                 continue;
             }
             Phase::Closing { .. } => continue,

@@ -8,7 +8,6 @@
 
 use std::io::{self, Read};
 use std::net::Shutdown;
-use std::rc::Rc;
 use std::time::Instant;
 
 use mio::net::TcpStream;
@@ -22,7 +21,7 @@ use super::ws_conn::{self, WsConn};
 use super::Reactor;
 use crate::api::{Action, Upgrade};
 use crate::http::{self, Parsed, Request, Response};
-use crate::outbuf::OutBuf;
+use crate::outbuf::{Chunk, OutBuf};
 use crate::rooms::{ConnRef, Rooms};
 use crate::ws::WsIo;
 
@@ -278,7 +277,7 @@ pub(super) fn respond(
     let Some(h) = conns.http_mut(token) else {
         return;
     };
-    h.out.push(Rc::from(bytes));
+    h.out.push(Chunk::new(bytes));
     h.awaiting = None;
     if !keep_alive || resp.close {
         h.closing = true;
@@ -338,7 +337,7 @@ fn upgrade(
     let HttpConn {
         sock, inbuf, out, ..
     } = *h;
-    let io = WsIo { sock, out };
+    let io = WsIo::new(sock, out, &inbuf);
     let socket = if inbuf.is_empty() {
         WebSocket::from_raw_socket(io, Role::Server, Some(ws_config))
     } else {

@@ -38,6 +38,7 @@ use super::ws_conn::{self, Phase};
 use crate::api::Upgrade;
 use crate::config::Config;
 use crate::history::{self, Answer, Frame, HistoryCache};
+use crate::outbuf::Chunk;
 use crate::presence::Presence;
 use crate::rooms::{ConnRef, DeferredJoin, Rooms};
 use crate::store::{Room, Store, StoreResult, StoredMessage};
@@ -429,7 +430,7 @@ fn refuse(conns: &mut Conns, rooms: &mut Rooms, conn: ConnRef) {
 /// Send a joining member `history` (frames back to back, up to seq `last`,
 /// the newest stored) and make it live. What it buffered while waiting is in
 /// the history already, unless newer.
-fn go_live(conns: &mut Conns, rooms: &mut Rooms, conn: ConnRef, history: Rc<[u8]>, last: i64) {
+fn go_live(conns: &mut Conns, rooms: &mut Rooms, conn: ConnRef, history: Rc<Chunk>, last: i64) {
     if !conns.live(conn) {
         return;
     }
@@ -451,7 +452,7 @@ fn go_live(conns: &mut Conns, rooms: &mut Rooms, conn: ConnRef, history: Rc<[u8]
     let mut delivered = 0;
     for (seq, frame) in buffered {
         if seq > w.sent_upto {
-            out.push(frame);
+            out.push(frame.chunk());
             w.sent_upto = seq;
             delivered += 1;
         }
@@ -546,11 +547,11 @@ pub(super) fn joined(
     }
     let bytes_len = bytes.len();
     let out = &mut w.ws.get_mut().out;
-    out.push(Rc::from(bytes));
+    out.push(Chunk::new(bytes));
     let mut delivered = 0;
     for (seq, frame) in buffered {
         if since.is_none_or(|s| seq > s) {
-            out.push(frame);
+            out.push(frame.chunk());
             delivered += 1;
         }
     }

@@ -93,6 +93,41 @@ impl Reactor {
         );
         sample(
             &mut out,
+            "chatconnect_client_memory_bytes",
+            "gauge",
+            "Bytes held by all connections' buffers (input, queues, frames waiting).",
+            self.conns.client_memory(),
+        );
+        sample(
+            &mut out,
+            "chatconnect_client_memory_peak_bytes",
+            "gauge",
+            "Highest client memory seen at the end of a pass since start.",
+            self.budget.peak,
+        );
+        sample(
+            &mut out,
+            "chatconnect_client_memory_budget_bytes",
+            "gauge",
+            "MAX_CLIENT_MEMORY (0: no cap).",
+            self.budget.limit(),
+        );
+        sample(
+            &mut out,
+            "chatconnect_client_memory_closes_total",
+            "counter",
+            "Connections closed because all connections together held more than MAX_CLIENT_MEMORY.",
+            self.budget.closed,
+        );
+        sample(
+            &mut out,
+            "chatconnect_client_memory_read_pauses_total",
+            "counter",
+            "Reads put off while the connections held more than MAX_CLIENT_MEMORY.",
+            self.budget.read_pauses,
+        );
+        sample(
+            &mut out,
             "chatconnect_accept_pauses_total",
             "counter",
             "Times accepting paused because descriptors ran out.",

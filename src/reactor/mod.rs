@@ -24,6 +24,7 @@
 //! | `fanout.rs` | a stored batch queued to every member; slow consumers; closing a room |
 //! | `completions.rs` | the worker lanes, and the one place finished work comes back |
 //! | `timers.rs` | deadlines and pings |
+//! | `budget.rs` | the memory budget of all connections together |
 //! | `trim.rs` | giving freed memory back after a wave of closes |
 //! | `shutdown.rs` | the graceful stop |
 //! | `metrics_text.rs` | the `/metrics` page |
@@ -31,6 +32,7 @@
 //! The room registry is `crate::rooms`, the endpoints `crate::api`.
 //! `docs/ARCHITECTURE.md` walks a chat message and a join through them.
 
+mod budget;
 mod completions;
 mod conns;
 mod fanout;
@@ -58,6 +60,7 @@ use crate::metrics::Shared;
 use crate::presence::Presence;
 use crate::rooms::Rooms;
 use crate::store::Store;
+use budget::Budget;
 use completions::{Completions, LaneSizes, Lanes};
 use conns::{Conns, Kind, LISTENER, WAKER};
 use joins::Joins;
@@ -100,6 +103,8 @@ pub struct Reactor {
     tick: Duration,
     /// When freed memory was last given back (`trim.rs`).
     trim: Trim,
+    /// The memory budget of all connections together (`budget.rs`).
+    budget: Budget,
     /// Events buffer for taking socket events in the middle of a pass.
     mid_pass_events: Option<Events>,
 }
@@ -138,6 +143,7 @@ impl Reactor {
             shared,
             tick: timers::interval(&cfg),
             trim: Trim::new(),
+            budget: Budget::new(cfg.max_client_memory),
             mid_pass_events: Some(Events::with_capacity(1024)),
             conns,
         };
@@ -178,9 +184,11 @@ impl Reactor {
             self.flush_all();
 
             let now = Instant::now();
+            self.budget.enforce(&mut self.conns, &mut self.rooms, now);
             if now >= next_tick {
                 timers::on_tick(&mut self.conns, &mut self.rooms, now);
                 self.flush_all();
+                self.budget.enforce(&mut self.conns, &mut self.rooms, now);
                 self.trim
                     .on_tick(self.conns.counters.connections_closed, now);
                 next_tick = now + self.tick;
@@ -215,7 +223,14 @@ impl Reactor {
         }
     }
 
+    /// Read a connection, then hold the connections to their memory budget
+    /// at once (as Redis does after each client's read): what one read adds
+    /// is the most the total can pass the budget by, however many
+    /// connections are readable in this pass.
     fn on_readable(&mut self, token: usize) {
+        if self.budget.hold_read(&self.conns, token) {
+            return;
+        }
         match self.conns.kind(token) {
             Some(Kind::Http(_)) => self.read_http(token),
             Some(Kind::Ws(_)) => ws_conn::read(
@@ -225,8 +240,10 @@ impl Reactor {
                 self.shutdown.in_progress(),
                 token,
             ),
-            Some(Kind::Upgrading) | None => {}
+            Some(Kind::Upgrading) | None => return,
         }
+        self.budget
+            .enforce(&mut self.conns, &mut self.rooms, Instant::now());
     }
 
     /// Connections that stopped early to let others run.

@@ -17,13 +17,14 @@ use tungstenite::{Message, WebSocket};
 use super::conns::{Conns, Scheduled, LINGER, TURN_BUDGET};
 use super::fanout;
 use super::pipeline::Pipeline;
+use crate::outbuf::{Chunk, Kept};
 use crate::rooms::{ConnRef, Rooms};
 use crate::ws::{self, close, Bucket, WsIo};
 
 pub(super) enum Phase {
     /// Waiting for the history; live messages are kept here meanwhile.
     Joining {
-        buffered: Vec<(i64, Rc<[u8]>)>,
+        buffered: Vec<(i64, Kept)>,
         bytes: usize,
     },
     Live,
@@ -89,6 +90,25 @@ impl WsConn {
         }
     }
 
+    /// Bytes of the slots of the frames kept while joining (the frames
+    /// themselves are counted as queued chunks are: `crate::outbuf`).
+    pub(super) fn waiting_slots(&self) -> usize {
+        match &self.phase {
+            Phase::Joining { buffered, .. } => {
+                buffered.capacity() * std::mem::size_of::<(i64, Kept)>()
+            }
+            _ => 0,
+        }
+    }
+
+    /// Bytes of the frames kept while joining.
+    pub(super) fn waiting_bytes(&self) -> usize {
+        match &self.phase {
+            Phase::Joining { bytes, .. } => *bytes,
+            _ => 0,
+        }
+    }
+
     pub(super) fn is_closing(&self) -> bool {
         matches!(self.phase, Phase::Closing { .. })
     }
@@ -136,6 +156,7 @@ pub(super) fn read(
         }
         match w.ws.read() {
             Ok(msg) => {
+                w.ws.get_mut().input.message_taken();
                 w.last_seen = Instant::now();
                 budget -= 1;
                 match msg {
@@ -306,7 +327,7 @@ pub(super) fn send_error(
         if !w.is_closing() {
             w.ws.get_mut()
                 .out
-                .push(Rc::from(ws::error_frame(code, text)));
+                .push(Chunk::new(ws::error_frame(code, text)));
             schedule_flush(conns, rooms, token);
         }
     }
@@ -357,7 +378,7 @@ pub(super) fn send_close(
     if discard {
         out.discard_unstarted();
     }
-    out.push(Rc::from(ws::close_frame(code, reason)));
+    out.push(Chunk::new(ws::close_frame(code, reason)));
     w.phase = Phase::closing();
     schedule_flush(conns, rooms, token);
 }

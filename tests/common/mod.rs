@@ -1387,6 +1387,38 @@ pub fn encode_frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<
     out
 }
 
+/// A WebSocket on a socket with a small receive buffer, so that what the
+/// server sends it backs up at once when it does not read.
+pub fn non_reading_member(s: &Server, path: &str) -> RawWs {
+    let sock = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .expect("socket");
+    sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    sock.connect(&s.addr().into()).expect("connect");
+    RawWs::handshake(sock.into(), s.addr(), path)
+}
+
+/// What an attacker that pipelines and never reads sends on each of its
+/// connections: 100 KB of `GET /metrics` (an answer of about 12 KB each).
+pub fn pipelined_metrics_requests() -> Vec<u8> {
+    let req = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    req.repeat(100_000 / req.len())
+}
+
+/// `n` non-blocking connections to `s`, each with the count of bytes sent.
+pub fn open_pipeliners(s: &Server, n: usize) -> Vec<(TcpStream, usize)> {
+    (0..n)
+        .map(|_| {
+            let c = TcpStream::connect(s.addr()).expect("connect");
+            c.set_nonblocking(true).expect("nonblocking");
+            (c, 0)
+        })
+        .collect()
+}
+
 /// A WebSocket spoken by hand over a TcpStream.
 pub struct RawWs {
     pub stream: TcpStream,
