@@ -39,6 +39,13 @@ pub struct Config {
     #[arg(long, env = "HOST", default_value = "0.0.0.0")]
     pub host: String,
 
+    /// Let several processes bind the same HOST:PORT (SO_REUSEPORT); the
+    /// kernel spreads new connections over them (`true` or `false`)
+    #[arg(long, env = "REUSE_PORT", default_value_t = false,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_parser = parse_bool)]
+    pub reuse_port: bool,
+
     /// MongoDB connection string; unset means the embedded SQLite store
     #[arg(long, env = "MONGO_URI", hide_env_values = true)]
     pub mongo_uri: Option<String>,
@@ -159,6 +166,7 @@ pub struct Config {
 pub const VARIABLES: &[&str] = &[
     "PORT",
     "HOST",
+    "REUSE_PORT",
     "MONGO_URI",
     "MONGO_DB",
     "MONGO_TIMEOUT",
@@ -294,6 +302,18 @@ pub fn parse_ttl(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// `true` or `false` (also `1`/`0`, `yes`/`no`, `on`/`off`), any case.
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!(
+            "{:?} is not a boolean; use true or false",
+            s.trim()
+        )),
+    }
+}
+
 /// `64KiB`, `1MiB`, `512`, `2KB`; binary and decimal suffixes, case-insensitive.
 pub fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim();
@@ -349,5 +369,28 @@ mod tests {
         assert_eq!(parse_ttl("1s").unwrap(), Duration::from_secs(1));
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn bools() {
+        assert!(parse_bool("true").unwrap());
+        assert!(parse_bool(" TRUE ").unwrap());
+        assert!(parse_bool("1").unwrap());
+        assert!(!parse_bool("false").unwrap());
+        assert!(!parse_bool("0").unwrap());
+        assert!(parse_bool("maybe").is_err());
+    }
+
+    #[test]
+    fn reuse_port_flag() {
+        // Flags only: a flag wins over the environment, so the machine's
+        // REUSE_PORT cannot change the outcome.
+        let c = Config::try_parse_from(["chatserver", "--reuse-port", "true"]).unwrap();
+        assert!(c.reuse_port);
+        let c = Config::try_parse_from(["chatserver", "--reuse-port=false"]).unwrap();
+        assert!(!c.reuse_port);
+        let c = Config::try_parse_from(["chatserver", "--reuse-port"]).unwrap();
+        assert!(c.reuse_port);
+        assert!(Config::try_parse_from(["chatserver", "--reuse-port", "sure"]).is_err());
     }
 }

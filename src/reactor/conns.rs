@@ -136,7 +136,7 @@ impl Conns {
     /// new poll.
     pub(super) fn bind(cfg: Arc<Config>, addr: SocketAddr) -> io::Result<(Conns, Arc<Waker>)> {
         let poll = Poll::new()?;
-        let mut listener = bind_listener(addr)?;
+        let mut listener = bind_listener(addr, cfg.reuse_port)?;
         let local_addr = listener.local_addr()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -546,12 +546,28 @@ fn discard(sock: &mut TcpStream) -> Discarded {
 
 /// A non-blocking listener with a deep accept backlog (`TcpListener::bind`
 /// would leave it at 128, and a burst past that gets its SYNs dropped and
-/// retried a second later).
-fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+/// retried a second later). With `reuse_port` (`REUSE_PORT`) it sets
+/// SO_REUSEPORT, so that several processes can listen on the same address
+/// and the kernel spreads new connections over them; each of them must set
+/// it, and a process without it still finds the port taken.
+fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
-    socket.bind(&addr.into())?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.bind(&addr.into()).map_err(|e| {
+        if e.kind() != io::ErrorKind::AddrInUse {
+            return e;
+        }
+        let hint = if reuse_port {
+            "the process holding it did not set REUSE_PORT=true, or runs as another user"
+        } else {
+            "every process sharing a port needs REUSE_PORT=true"
+        };
+        io::Error::new(e.kind(), format!("{addr} is already in use ({hint})"))
+    })?;
     socket.listen(LISTEN_BACKLOG)?;
     socket.set_nonblocking(true)?;
     Ok(TcpListener::from_std(socket.into()))

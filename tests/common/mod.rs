@@ -598,6 +598,17 @@ impl Drop for Server {
     }
 }
 
+/// A port nobody listens on at the moment (the kernel's pick), for a
+/// server or service that must be started on a port known beforehand
+/// (`("PORT", ...)` in [`Server::start_with`]). Someone else can take it
+/// before it is bound; callers that can tell retry with another.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("find a free port")
+        .port()
+}
+
 /// The `chatserver` binary to run in `root`: none of the caller's
 /// configuration variables, a free port on 127.0.0.1, data in `root/data`,
 /// info logging, no stdin. Callers add their environment and pipes.
