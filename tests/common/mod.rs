@@ -10,6 +10,7 @@
 pub mod contract;
 pub mod history;
 pub mod mongo;
+pub mod redis;
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
