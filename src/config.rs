@@ -122,6 +122,15 @@ pub struct Config {
     #[arg(long, env = "WS_MAX_BACKLOG", default_value = "1MiB", value_parser = parse_size)]
     pub ws_max_backlog: usize,
 
+    /// Redis URL of the broker that lets several processes serve one chat
+    /// (redis://[user:pass@]host:port[/db]); unset: one process
+    #[arg(long, env = "BROKER_URL")]
+    pub broker_url: Option<String>,
+
+    /// Prefix of the broker's channels, so deployments can share a Redis
+    #[arg(long, env = "BROKER_PREFIX", default_value = "chatconnect")]
+    pub broker_prefix: String,
+
     /// Bytes all connections' buffers may hold together; over it, the
     /// connections holding the most are closed (0 = no cap)
     #[arg(long, env = "MAX_CLIENT_MEMORY", default_value = "64MiB", value_parser = parse_size)]
@@ -187,6 +196,8 @@ pub const VARIABLES: &[&str] = &[
     "WS_MAX_BACKLOG",
     "WS_MAX_MESSAGE",
     "MAX_CLIENT_MEMORY",
+    "BROKER_URL",
+    "BROKER_PREFIX",
     "PING_INTERVAL",
     "HTTP_HEADER_TIMEOUT",
     "HTTP_IDLE_TIMEOUT",

@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod broker;
 pub mod config;
 pub mod history;
 pub mod http;
@@ -33,6 +34,9 @@ use store::Store;
 /// gracefully. Errors are sentences for the operator.
 pub fn serve(cfg: Config) -> Result<(), String> {
     raise_fd_limit();
+    if let Some(url) = &cfg.broker_url {
+        broker::check_url(url)?;
+    }
     let shared = Arc::new(metrics::Shared::default());
     let backend: Arc<dyn Store> = match &cfg.mongo_uri {
         Some(uri) => {

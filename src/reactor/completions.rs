@@ -60,6 +60,10 @@ pub enum Outcome {
         since: Option<i64>,
         result: StoreResult<Vec<StoredMessage>>,
     },
+    /// The broker's subscriber reports (`crate::broker`).
+    Broker(crate::broker::Event),
+    /// A relay read: the messages of a room after a seq (`relay.rs`).
+    Relay(super::relay::RelayRead),
     /// A store write of several rooms' batches finished; one result per
     /// room, in the order of `rooms`.
     Batches {
@@ -97,6 +101,8 @@ pub(super) struct LaneSizes {
 /// The receiving end of the workers' results.
 pub(super) struct Completions {
     done: Receiver<Outcome>,
+    /// For another source of completions (the broker).
+    sender: crossbeam_channel::Sender<Outcome>,
     /// The last `apply_completions` stopped at its bound: more are waiting.
     more: bool,
 }
@@ -109,6 +115,7 @@ pub(super) fn start(
     waker: &Arc<Waker>,
 ) -> io::Result<(Lanes, Completions)> {
     let (done_tx, done_rx) = crossbeam_channel::unbounded();
+    let done_tx_keep = done_tx.clone();
     let hash = Pool::new(
         "hash",
         sizes.hash,
@@ -138,6 +145,7 @@ pub(super) fn start(
     )?;
     let completions = Completions {
         done: done_rx,
+        sender: done_tx_keep,
         more: false,
     };
     Ok((Lanes { hash, store, write }, completions))
@@ -173,6 +181,11 @@ impl Completions {
     pub(super) fn more(&self) -> bool {
         self.more
     }
+
+    /// A sender for another source of finished work.
+    pub(super) fn sender(&self) -> crossbeam_channel::Sender<Outcome> {
+        self.sender.clone()
+    }
 }
 
 impl Reactor {
@@ -205,6 +218,7 @@ impl Reactor {
             } => {
                 if deleted {
                     self.joins.forget(&room);
+                    self.relay.deleted(&room);
                 }
                 if let Some(key) = self.rooms.end_delete(&room) {
                     if deleted {
@@ -261,9 +275,18 @@ impl Reactor {
                 &mut self.conns,
                 &mut self.rooms,
                 &mut self.joins,
+                &mut self.relay,
                 rooms,
                 results,
             ),
+            Outcome::Broker(event) => {
+                self.relay
+                    .on_event(&mut self.conns, &mut self.rooms, &mut self.joins, event)
+            }
+            Outcome::Relay(read) => {
+                self.relay
+                    .read_done(&mut self.conns, &mut self.rooms, &mut self.joins, read)
+            }
         }
     }
 }

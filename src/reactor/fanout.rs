@@ -40,6 +40,47 @@ impl Encoded {
         }
     }
 
+    /// A batch that arrived encoded (from another process, by the broker):
+    /// `frames[i]` has seq `seqs[i]`, rising.
+    pub(super) fn from_frames(seqs: Vec<i64>, frames: &[Vec<u8>]) -> Encoded {
+        let mut bytes = Vec::with_capacity(frames.iter().map(Vec::len).sum());
+        let mut ends = Vec::with_capacity(frames.len());
+        for f in frames {
+            bytes.extend_from_slice(f);
+            ends.push(bytes.len());
+        }
+        Encoded {
+            chunk: Chunk::new(bytes),
+            ends,
+            seqs,
+        }
+    }
+
+    /// The part of the batch after seq `upto`, or `None` if nothing is.
+    pub(super) fn after(&self, upto: i64) -> Option<Encoded> {
+        let skip = self.seqs.partition_point(|&s| s <= upto);
+        if skip == self.seqs.len() {
+            return None;
+        }
+        let frames: Vec<Vec<u8>> = (skip..self.seqs.len())
+            .map(|i| self.frame(i).to_vec())
+            .collect();
+        Some(Encoded::from_frames(self.seqs[skip..].to_vec(), &frames))
+    }
+
+    pub(super) fn first_seq(&self) -> i64 {
+        self.seqs.first().copied().unwrap_or(i64::MAX)
+    }
+
+    pub(super) fn last_seq(&self) -> i64 {
+        self.seqs.last().copied().unwrap_or(i64::MIN)
+    }
+
+    /// (seq, frame) of each message.
+    pub(super) fn each(&self) -> impl ExactSizeIterator<Item = (i64, &[u8])> {
+        (0..self.seqs.len()).map(|i| (self.seqs[i], self.frame(i)))
+    }
+
     /// Each message as a frame of its own, for the recent history.
     pub(super) fn frames(&self) -> Vec<crate::history::Frame> {
         (0..self.seqs.len())

@@ -178,6 +178,7 @@ impl Reactor {
                 return respond(&mut self.conns, token, resp, keep_alive, head_only)
             }
             Action::Upgrade(up) => {
+                self.relay.want(&up.room);
                 return upgrade(
                     &mut self.conns,
                     &mut self.rooms,
@@ -185,7 +186,7 @@ impl Reactor {
                     &mut self.joins,
                     token,
                     up,
-                )
+                );
             }
             Action::Hash(job) => (&self.lanes.hash, job, None),
             Action::Store(job) => (&self.lanes.store, job, None),

@@ -21,6 +21,7 @@
 //! | `ws_conn.rs` | WebSocket frames in, chat messages checked, the backlog limit, closes |
 //! | `pipeline.rs` | group commit: pending messages to the store, stored batches back |
 //! | `joins.rs` | a new member's history (the cache, shared room reads), then live |
+//! | `relay.rs` | with a broker: batches of every process in seq order, gaps read from the store |
 //! | `fanout.rs` | a stored batch queued to every member; slow consumers; closing a room |
 //! | `completions.rs` | the worker lanes, and the one place finished work comes back |
 //! | `timers.rs` | deadlines and pings |
@@ -40,6 +41,7 @@ mod http_conn;
 mod joins;
 mod metrics_text;
 mod pipeline;
+mod relay;
 mod shutdown;
 mod timers;
 mod trim;
@@ -65,6 +67,7 @@ use completions::{Completions, LaneSizes, Lanes};
 use conns::{Conns, Kind, LISTENER, WAKER};
 use joins::Joins;
 use pipeline::Pipeline;
+use relay::Relay;
 use shutdown::Shutdown;
 use trim::Trim;
 
@@ -105,6 +108,8 @@ pub struct Reactor {
     trim: Trim,
     /// The memory budget of all connections together (`budget.rs`).
     budget: Budget,
+    /// Other processes' batches through the broker, in order (`relay.rs`).
+    relay: Relay,
     /// Events buffer for taking socket events in the middle of a pass.
     mid_pass_events: Option<Events>,
 }
@@ -131,6 +136,26 @@ impl Reactor {
             write: cfg.store_writers(),
         };
         let (lanes, completions) = completions::start(&sizes, store, &waker)?;
+        let broker = match &cfg.broker_url {
+            None => None,
+            Some(url) => {
+                let (tx, wake) = (completions.sender(), waker.clone());
+                let deliver = move |event| {
+                    if tx.send(Outcome::Broker(event)).is_ok() {
+                        let _ = wake.wake();
+                    }
+                };
+                let b = crate::broker::Broker::start(url, &cfg.broker_prefix, deliver)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                log::info!(
+                    "broker: {} (prefix {:?}); this process is {:016x}",
+                    redacted(url),
+                    cfg.broker_prefix,
+                    b.id
+                );
+                Some(b)
+            }
+        };
         let reactor = Reactor {
             rooms: Rooms::default(),
             pipeline: Pipeline::new(&cfg, sizes.write, shared.clone(), presence.clone()),
@@ -144,6 +169,7 @@ impl Reactor {
             tick: timers::interval(&cfg),
             trim: Trim::new(),
             budget: Budget::new(cfg.max_client_memory),
+            relay: Relay::new(broker),
             mid_pass_events: Some(Events::with_capacity(1024)),
             conns,
         };
@@ -184,6 +210,7 @@ impl Reactor {
             self.flush_all();
 
             let now = Instant::now();
+            self.relay.poll(&self.conns, &self.rooms, &self.lanes, now);
             self.budget.enforce(&mut self.conns, &mut self.rooms, now);
             if now >= next_tick {
                 timers::on_tick(&mut self.conns, &mut self.rooms, now);
@@ -300,5 +327,15 @@ impl Reactor {
             self.handle_events(&events);
         }
         self.mid_pass_events = Some(events);
+    }
+}
+
+/// A URL with its password hidden, for the log.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
     }
 }

@@ -20,6 +20,7 @@ use super::completions::{BatchOf, Lanes, Outcome};
 use super::conns::Conns;
 use super::fanout::{self, Encoded};
 use super::joins::{self, Joins};
+use super::relay::Relay;
 use super::ws_conn;
 use crate::config::Config;
 use crate::metrics::Shared;
@@ -217,6 +218,7 @@ impl Pipeline {
         conns: &mut Conns,
         rooms: &mut Rooms,
         joins: &mut Joins,
+        relay: &mut Relay,
         parts: Vec<BatchOf>,
         results: Vec<StoreResult<Vec<StoredMessage>>>,
     ) {
@@ -226,7 +228,7 @@ impl Pipeline {
                 let waited = part.oldest.elapsed().as_secs_f64();
                 self.shared.commit_latency.observe(waited);
             }
-            self.batch_done(conns, rooms, joins, part, result);
+            self.batch_done(conns, rooms, joins, relay, part, result);
         }
     }
 
@@ -239,6 +241,7 @@ impl Pipeline {
         conns: &mut Conns,
         rooms: &mut Rooms,
         joins: &mut Joins,
+        relay: &mut Relay,
         part: BatchOf,
         result: StoreResult<Vec<StoredMessage>>,
     ) {
@@ -255,9 +258,7 @@ impl Pipeline {
         match result {
             Ok(stored) => {
                 conns.counters.messages_stored += stored.len() as u64;
-                let encoded = Encoded::new(&stored);
-                fanout::deliver(conns, rooms, room_key, &encoded);
-                joins.stored(rooms, room_key, &encoded);
+                relay.stored(conns, rooms, joins, room_key, Encoded::new(&stored));
             }
             Err(StoreError::NoSuchRoom) => {
                 log::info!("room vanished from the store; closing its members");
