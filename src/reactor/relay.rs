@@ -142,12 +142,12 @@ impl Relay {
         batch: Encoded,
         local: bool,
     ) {
-        let Some(name) = rooms.get(room_key).map(|r| r.name.to_string()) else {
-            return;
-        };
         if self.broker.is_none() {
             return deliver(conns, rooms, joins, room_key, &batch);
         }
+        let Some(name) = rooms.get(room_key).map(|r| r.name.to_string()) else {
+            return;
+        };
         let sync = self.rooms.entry(name).or_default();
         if sync.upto.is_none() {
             sync.upto = live_position(conns, rooms, room_key);
