@@ -279,12 +279,7 @@ fn subscriber(
     let mut backoff = Backoff::new();
     let mut logged_down = false;
     loop {
-        for cmd in rx.try_iter() {
-            match cmd {
-                SubCmd::Subscribe(r) => wanted.insert(r),
-                SubCmd::Unsubscribe(r) => wanted.remove(&r),
-            };
-        }
+        take_commands(&rx, &mut wanted);
         if !backoff.ready() {
             thread::sleep(POLL);
             continue;
@@ -325,6 +320,19 @@ fn subscriber(
     }
 }
 
+/// Apply the reactor's (un)subscribe requests to `wanted`; true if any came.
+fn take_commands(rx: &Receiver<SubCmd>, wanted: &mut HashSet<String>) -> bool {
+    let mut any = false;
+    for cmd in rx.try_iter() {
+        any = true;
+        match cmd {
+            SubCmd::Subscribe(r) => wanted.insert(r),
+            SubCmd::Unsubscribe(r) => wanted.remove(&r),
+        };
+    }
+    any
+}
+
 /// One connection's life: subscribe to what is wanted, pass on what
 /// arrives, until the connection fails.
 #[allow(clippy::too_many_arguments)]
@@ -344,23 +352,23 @@ fn session(
     stats.subscriber_up.store(true, Ordering::Relaxed);
     log::info!("broker: connected; subscribed to {control}");
     let mut active: HashSet<String> = HashSet::new();
+    // Everything wanted is new on a new connection.
+    let mut changed = true;
     loop {
-        for cmd in rx.try_iter() {
-            match cmd {
-                SubCmd::Subscribe(r) => wanted.insert(r),
-                SubCmd::Unsubscribe(r) => wanted.remove(&r),
-            };
-        }
-        let adds: Vec<String> = wanted.difference(&active).cloned().collect();
-        for room in adds {
-            ps.subscribe(room_channel(prefix, &room))?;
-            active.insert(room.clone());
-            deliver(Event::Subscribed(room));
-        }
-        let drops: Vec<String> = active.difference(wanted).cloned().collect();
-        for room in drops {
-            ps.unsubscribe(room_channel(prefix, &room))?;
-            active.remove(&room);
+        changed |= take_commands(rx, wanted);
+        if changed {
+            changed = false;
+            let adds: Vec<String> = wanted.difference(&active).cloned().collect();
+            for room in adds {
+                ps.subscribe(room_channel(prefix, &room))?;
+                active.insert(room.clone());
+                deliver(Event::Subscribed(room));
+            }
+            let drops: Vec<String> = active.difference(wanted).cloned().collect();
+            for room in drops {
+                ps.unsubscribe(room_channel(prefix, &room))?;
+                active.remove(&room);
+            }
         }
         let msg = match ps.get_message() {
             Ok(m) => m,

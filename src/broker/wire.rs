@@ -9,12 +9,23 @@
 const BATCH: u8 = b'B';
 const DELETED: u8 = b'D';
 
-/// A batch another process stored: frame `i` has seq `seqs[i]`, rising.
+/// A batch another process stored: its frames back to back in `bytes`,
+/// frame `i` ending at `ends[i]` with seq `seqs[i]` (rising), as the
+/// reactor queues them.
 pub struct Batch {
     pub from: u64,
     pub room: String,
     pub seqs: Vec<i64>,
-    pub frames: Vec<Vec<u8>>,
+    pub bytes: Vec<u8>,
+    pub ends: Vec<usize>,
+}
+
+impl Batch {
+    /// Frame `i`.
+    pub fn frame(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.bytes[start..self.ends[i]]
+    }
 }
 
 /// What a message on the broker says.
@@ -64,18 +75,21 @@ pub fn decode(bytes: &[u8]) -> Option<Notice> {
                 return None;
             }
             let mut seqs = Vec::with_capacity(n);
-            let mut frames = Vec::with_capacity(n);
+            let mut ends = Vec::with_capacity(n);
+            let mut frames = Vec::with_capacity(r.0.len() - 12 * n);
             for _ in 0..n {
                 seqs.push(i64::from_be_bytes(r.take(8)?.try_into().ok()?));
                 let len = u32::from_be_bytes(r.take(4)?.try_into().ok()?) as usize;
-                frames.push(r.take(len)?.to_vec());
+                frames.extend_from_slice(r.take(len)?);
+                ends.push(frames.len());
             }
             let rising = seqs.windows(2).all(|w| w[0] < w[1]);
             (rising && r.0.is_empty() && n > 0).then_some(Notice::Batch(Batch {
                 from,
                 room,
                 seqs,
-                frames,
+                bytes: frames,
+                ends,
             }))
         }
         DELETED => r.0.is_empty().then_some(Notice::Deleted { from, room }),
@@ -119,7 +133,8 @@ mod tests {
         };
         assert_eq!((b.from, b.room.as_str()), (42, "Gäste"));
         assert_eq!(b.seqs, [7, 8, 9]);
-        assert_eq!(b.frames, [b"seven".to_vec(), vec![], b"nine".to_vec()]);
+        let got: Vec<&[u8]> = (0..3).map(|i| b.frame(i)).collect();
+        assert_eq!(got, [&b"seven"[..], b"", b"nine"]);
         let Some(Notice::Deleted { from, room }) = decode(&encode_deleted(3, "r")) else {
             panic!("not a delete");
         };

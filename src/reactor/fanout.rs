@@ -40,32 +40,32 @@ impl Encoded {
         }
     }
 
-    /// A batch that arrived encoded (from another process, by the broker):
-    /// `frames[i]` has seq `seqs[i]`, rising.
-    pub(super) fn from_frames(seqs: Vec<i64>, frames: &[Vec<u8>]) -> Encoded {
-        let mut bytes = Vec::with_capacity(frames.iter().map(Vec::len).sum());
-        let mut ends = Vec::with_capacity(frames.len());
-        for f in frames {
-            bytes.extend_from_slice(f);
-            ends.push(bytes.len());
-        }
+    /// A batch that arrived encoded (from another process, by the broker).
+    pub(super) fn received(batch: crate::broker::wire::Batch) -> Encoded {
         Encoded {
-            chunk: Chunk::new(bytes),
-            ends,
-            seqs,
+            chunk: Chunk::new(batch.bytes),
+            ends: batch.ends,
+            seqs: batch.seqs,
         }
     }
 
-    /// The part of the batch after seq `upto`, or `None` if nothing is.
-    pub(super) fn after(&self, upto: i64) -> Option<Encoded> {
+    /// The part of the batch after seq `upto`, or `None` if nothing is:
+    /// the batch itself when all of it is (the usual case), a copy of its
+    /// tail otherwise.
+    pub(super) fn after(self, upto: i64) -> Option<Encoded> {
         let skip = self.seqs.partition_point(|&s| s <= upto);
+        if skip == 0 {
+            return Some(self);
+        }
         if skip == self.seqs.len() {
             return None;
         }
-        let frames: Vec<Vec<u8>> = (skip..self.seqs.len())
-            .map(|i| self.frame(i).to_vec())
-            .collect();
-        Some(Encoded::from_frames(self.seqs[skip..].to_vec(), &frames))
+        let start = self.ends[skip - 1];
+        Some(Encoded {
+            chunk: Chunk::new(&self.chunk[start..]),
+            ends: self.ends[skip..].iter().map(|e| e - start).collect(),
+            seqs: self.seqs[skip..].to_vec(),
+        })
     }
 
     pub(super) fn first_seq(&self) -> i64 {

@@ -214,6 +214,7 @@ impl Reactor {
             self.budget.enforce(&mut self.conns, &mut self.rooms, now);
             if now >= next_tick {
                 timers::on_tick(&mut self.conns, &mut self.rooms, now);
+                self.relay.sweep(&self.rooms);
                 self.flush_all();
                 self.budget.enforce(&mut self.conns, &mut self.rooms, now);
                 self.trim

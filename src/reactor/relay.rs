@@ -25,7 +25,7 @@
 //! events and the relay's store reads), the dispatch of an upgrade (a room
 //! wanted) and the pass (`poll`: gaps due for a read, rooms to drop).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -84,6 +84,9 @@ pub(super) struct RelayStats {
 pub(super) struct Relay {
     broker: Option<Broker>,
     rooms: HashMap<String, Sync>,
+    /// Rooms with something to do in [`Relay::poll`]: batches held, a
+    /// catch-up due, or a read under way. The pass looks only at these.
+    pending: HashSet<String>,
     pub(super) stats: RelayStats,
 }
 
@@ -92,6 +95,7 @@ impl Relay {
         Relay {
             broker,
             rooms: HashMap::new(),
+            pending: HashSet::new(),
             stats: RelayStats::default(),
         }
     }
@@ -128,7 +132,16 @@ impl Relay {
         if let Some(b) = &self.broker {
             b.publish_deleted(room);
         }
-        self.rooms.remove(room);
+        self.forget_position(room);
+    }
+
+    /// A deleted room's place in the stream means nothing for a room made
+    /// again under its name. The entry (and its subscription) stays until
+    /// [`Relay::sweep`] finds the room gone.
+    fn forget_position(&mut self, room: &str) {
+        if let Some(s) = self.rooms.get_mut(room) {
+            *s = Sync::default();
+        }
     }
 
     /// Deliver `batch` if it continues the room's stream, hold it if it
@@ -145,10 +158,15 @@ impl Relay {
         if self.broker.is_none() {
             return deliver(conns, rooms, joins, room_key, &batch);
         }
-        let Some(name) = rooms.get(room_key).map(|r| r.name.to_string()) else {
+        let Some(name) = rooms.get(room_key).map(|r| r.name.clone()) else {
             return;
         };
-        let sync = self.rooms.entry(name).or_default();
+        // Every room with members here has its entry (`want`); this only
+        // makes sure of it.
+        self.want(&name);
+        let Some(sync) = self.rooms.get_mut(&*name) else {
+            return;
+        };
         if sync.upto.is_none() {
             sync.upto = live_position(conns, rooms, room_key);
         }
@@ -159,10 +177,6 @@ impl Relay {
                 sync.upto = Some(batch.last_seq());
                 deliver(conns, rooms, joins, room_key, &batch);
             }
-            None => {
-                sync.held.insert(batch.first_seq(), (Instant::now(), batch));
-                sync.gap_since.get_or_insert_with(Instant::now);
-            }
             Some(upto) if batch.last_seq() <= upto => {}
             Some(upto) if batch.first_seq() <= upto + 1 => {
                 if let Some(part) = batch.after(upto) {
@@ -171,10 +185,14 @@ impl Relay {
                 }
                 drain(sync, conns, rooms, joins, room_key);
             }
-            Some(_) => {
+            // A gap (or no position yet): wait for what is missing.
+            _ => {
                 sync.held.insert(batch.first_seq(), (Instant::now(), batch));
                 sync.gap_since.get_or_insert_with(Instant::now);
             }
+        }
+        if !sync.held.is_empty() && !self.pending.contains(&*name) {
+            self.pending.insert(name.to_string());
         }
     }
 
@@ -190,6 +208,7 @@ impl Relay {
             Event::Subscribed(room) => {
                 if let Some(s) = self.rooms.get_mut(&room) {
                     s.catch_up = true;
+                    self.pending.insert(room);
                 }
             }
             // Every room is subscribed again once the connection is back,
@@ -199,14 +218,10 @@ impl Relay {
                 let Some(key) = rooms.key_of(&b.room) else {
                     return;
                 };
-                if !self.rooms.contains_key(&b.room) {
-                    return;
-                }
-                let batch = Encoded::from_frames(b.seqs, &b.frames);
-                self.offer(conns, rooms, joins, key, batch, false);
+                self.offer(conns, rooms, joins, key, Encoded::received(b), false);
             }
             Event::Deleted(room) => {
-                self.rooms.remove(&room);
+                self.forget_position(&room);
                 joins.forget(&room);
                 if let Some(key) = rooms.key_of(&room) {
                     fanout::close_room(conns, rooms, key, close::ROOM_DELETED, "room deleted");
@@ -215,29 +230,50 @@ impl Relay {
         }
     }
 
-    /// Once a pass: read the gaps that waited long enough and the rooms
-    /// that (re)subscribed; forget the rooms nobody here is in.
-    pub(super) fn poll(&mut self, conns: &Conns, rooms: &Rooms, lanes: &Lanes, now: Instant) {
+    /// Once a tick: forget the rooms nobody here is in any more, and stop
+    /// receiving them.
+    pub(super) fn sweep(&mut self, rooms: &Rooms) {
         let Some(broker) = &self.broker else {
             return;
         };
-        let mut gone = Vec::new();
-        for (name, sync) in self.rooms.iter_mut() {
-            let Some(key) = rooms.key_of(name) else {
-                gone.push(name.clone());
-                continue;
+        self.rooms.retain(|name, _| {
+            let here = rooms.key_of(name).is_some();
+            if !here {
+                broker.unsubscribe(name);
+            }
+            here
+        });
+        let tracked = &self.rooms;
+        self.pending.retain(|name| tracked.contains_key(name));
+    }
+
+    /// Once a pass: read the gaps that waited long enough and the rooms
+    /// that (re)subscribed. Only the rooms with something pending are
+    /// looked at.
+    pub(super) fn poll(&mut self, conns: &Conns, rooms: &Rooms, lanes: &Lanes, now: Instant) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let tracked = &mut self.rooms;
+        let stats = &mut self.stats;
+        self.pending.retain(|name| {
+            let (Some(sync), Some(key)) = (tracked.get_mut(name), rooms.key_of(name)) else {
+                return false;
             };
+            if sync.held.is_empty() && !sync.catch_up && sync.reading.is_none() {
+                return false;
+            }
             if sync.upto.is_none() {
                 sync.upto = live_position(conns, rooms, key);
             }
             let Some(upto) = sync.upto else {
-                continue;
+                return true;
             };
             let gap_due = sync
                 .gap_since
                 .is_some_and(|t| now.duration_since(t) >= GAP_WAIT);
             if sync.reading.is_some() || !(sync.catch_up || gap_due) {
-                continue;
+                return true;
             }
             let room = name.clone();
             let job: Job<Outcome> = Box::new(move |store: &dyn Store| {
@@ -255,13 +291,10 @@ impl Relay {
             if lanes.store.try_submit(job).is_ok() {
                 sync.reading = Some(now);
                 sync.catch_up = false;
-                self.stats.reads += 1;
+                stats.reads += 1;
             }
-        }
-        for name in gone {
-            self.rooms.remove(&name);
-            broker.unsubscribe(&name);
-        }
+            true
+        });
     }
 
     /// A relay read is back: deliver what the members here did not have,
@@ -291,6 +324,7 @@ impl Relay {
             Err(e) => {
                 log::warn!("relay: cannot read {room:?} from the store: {e}; retrying");
                 sync.gap_since = Some(Instant::now());
+                self.pending.insert(room);
                 return;
             }
         };
@@ -321,6 +355,9 @@ impl Relay {
         } else {
             // More to read: at once.
             sync.catch_up = true;
+        }
+        if !sync.held.is_empty() || sync.catch_up {
+            self.pending.insert(room);
         }
     }
 
