@@ -27,24 +27,19 @@
 
 set -euo pipefail
 shopt -s inherit_errexit
-cd "$(dirname "$0")/.."
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cd "$here/.."
 
 prog=${0##*/}
 
-log() { printf '%s: %s\n' "$prog" "$*" >&2; }
-die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 1; }
+# shellcheck source=scripts/lib/common.sh
+source "$here/lib/common.sh"
 
 usage() {
     cat >&2 <<EOF
 usage: $prog N      start N chatserver processes on one port (PORT, default 8000)
                     with a local Redis as their broker; Ctrl-C stops them all
 EOF
-}
-
-# True if something accepts TCP connections on 127.0.0.1:$1.
-port_open() {
-    # shellcheck disable=SC2016  # $1 is expanded by the inner bash
-    timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" </dev/null >/dev/null 2>&1
 }
 
 # True if the Redis on 127.0.0.1:$1 answers PING with +PONG.
@@ -57,17 +52,6 @@ redis_pong() {
     ' _ "$1" </dev/null >/dev/null 2>&1
 }
 
-# True if $1 is a live (non-zombie) process.
-pid_alive() {
-    local state
-    kill -0 "$1" 2>/dev/null || return 1
-    if [[ -r /proc/$1/stat ]]; then
-        state=$(sed -E 's/^.*\) ([A-Za-z]).*$/\1/' "/proc/$1/stat" 2>/dev/null) || return 1
-        [[ $state != Z && $state != X ]] || return 1
-    fi
-    return 0
-}
-
 # True if $1 is a TCP port number.
 valid_port() {
     [[ $1 =~ ^[0-9]{1,5}$ ]] && ((10#$1 >= 1 && 10#$1 <= 65535))
@@ -78,12 +62,6 @@ signal_alive() {
     if pid_alive "$2"; then
         kill "-$1" "$2" 2>/dev/null || true
     fi
-}
-
-# A random port in 20000..32767: below Linux's default ephemeral range, so
-# it does not collide with outgoing connections.
-random_port() {
-    echo $((20000 + (RANDOM % 12768)))
 }
 
 [[ $# -eq 1 ]] || { usage; exit 2; }

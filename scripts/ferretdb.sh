@@ -27,8 +27,8 @@ readonly FERRETDB_PKG=$FERRETDB_MOD/cmd/ferretdb
 
 prog=${0##*/}
 
-log() { printf '%s: %s\n' "$prog" "$*" >&2; }
-die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 1; }
+# shellcheck source=scripts/lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 usage() {
     cat >&2 <<EOF
@@ -169,23 +169,6 @@ ensure_binary() {
     printf '%s\n' "$bin"
 }
 
-# True if something accepts TCP connections on 127.0.0.1:$1.
-port_open() {
-    # shellcheck disable=SC2016  # $1 is expanded by the inner bash
-    timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" </dev/null >/dev/null 2>&1
-}
-
-# True if $1 is a live (non-zombie) process.
-pid_alive() {
-    local state
-    kill -0 "$1" 2>/dev/null || return 1
-    if [[ -r /proc/$1/stat ]]; then
-        state=$(sed -E 's/^.*\) ([A-Za-z]).*$/\1/' "/proc/$1/stat" 2>/dev/null) || return 1
-        [[ $state != Z && $state != X ]] || return 1
-    fi
-    return 0
-}
-
 # True if $1 is a live process that looks like FerretDB (guards against a reused pid).
 pid_is_ferretdb() {
     pid_alive "$1" || return 1
@@ -193,12 +176,6 @@ pid_is_ferretdb() {
         tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q ferretdb || return 1
     fi
     return 0
-}
-
-# A random port in 20000..32767: below Linux's default ephemeral range, so
-# it does not collide with outgoing connections.
-random_port() {
-    echo $((20000 + (RANDOM % 12768)))
 }
 
 cmd_build() {

@@ -126,18 +126,6 @@ fn everyone_gets_everything(servers: &[Server], per_sender: usize) {
     assert!(hellos > 0);
 }
 
-fn wait_for_log(s: &Server, text: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !s.log_text().contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "no {text:?} in the log:\n{}",
-            s.log_text()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn two_processes_on_one_sqlite_dir_deliver_every_message_once_in_order() {
     let redis = Redis::start();
@@ -217,7 +205,7 @@ fn redis_killed_and_started_again_mid_chat_loses_nothing() {
         let want: Vec<i64> = (mark_seq + 1..=mark_seq + 2 * N as i64).collect();
         assert_eq!(seqs, want, "{who}: a gap, a duplicate or out of order");
     }
-    wait_for_log(&servers[0], "broker: connection lost");
+    servers[0].await_log("broker: connection lost", Duration::from_secs(10));
     assert!(
         metric_value(
             &servers[0].metrics(),
@@ -241,7 +229,7 @@ fn redis_absent_at_start_is_waited_for() {
     let mut redis = Redis::start();
     redis.kill();
     let (_dir, servers) = sqlite_cluster(&redis, 2);
-    wait_for_log(&servers[0], "cannot reach");
+    servers[0].await_log("cannot reach", Duration::from_secs(10));
     assert_eq!(servers[0].get("/readyz").status, 200);
     let room = uniq("later");
     let mut a = servers[0].ws(&room, "alice");

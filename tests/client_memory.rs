@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -62,21 +62,13 @@ fn pipelining_clients_are_held_under_the_budget_and_the_biggest_are_closed() {
 
     // 100 KB of `GET /metrics` per connection, sent until the server stops
     // taking it; nothing is ever read.
-    let payload = pipelined_metrics_requests();
-    let mut attackers = open_pipeliners(&s, CONNS);
+    let mut attackers = Pipeliners::open(&s, CONNS);
     let mut highest = 0;
     let mut max_rss = rss_before;
     let mut round_trips = 0;
     let until = Instant::now() + Duration::from_secs(4);
     while Instant::now() < until {
-        for (c, sent) in attackers
-            .iter_mut()
-            .filter(|(_, sent)| *sent < payload.len())
-        {
-            if let Ok(n) = c.write(&payload[*sent..]) {
-                *sent += n;
-            }
-        }
+        attackers.push();
         highest = highest.max(gauge(&s));
         max_rss = max_rss.max(s.rss_kib());
         // A client that reads is served all the while.
@@ -85,7 +77,7 @@ fn pipelining_clients_are_held_under_the_budget_and_the_biggest_are_closed() {
         thread::sleep(Duration::from_millis(20));
         round_trips += 1;
     }
-    let sent: usize = attackers.iter().map(|(_, n)| n).sum();
+    let sent = attackers.sent();
     let closed = closes(&s);
     eprintln!(
         "{CONNS} pipelining clients sent {sent} bytes; counted at most {highest} bytes \
@@ -109,7 +101,7 @@ fn pipelining_clients_are_held_under_the_budget_and_the_biggest_are_closed() {
 
     // The attackers were closed: each stream ends (after what it was sent).
     let mut ended = 0;
-    for (c, _) in &mut attackers {
+    for (c, _) in &mut attackers.conns {
         c.set_nonblocking(false).expect("blocking");
         c.set_read_timeout(Some(Duration::from_millis(200)))
             .expect("timeout");

@@ -199,12 +199,7 @@ fn password_is_never_stored_or_logged() {
     // registration: wait for that line instead of sleeping.
     let later = uniq("later");
     s.register(&later, PASSWORD);
-    let line = format!("registered user {later}");
-    let deadline = Instant::now() + WAIT;
-    while !s.log_text().contains(&line) {
-        assert!(Instant::now() < deadline, "no {line:?} in the log");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    s.await_log(&format!("registered user {later}"), WAIT);
     assert!(
         !s.log_text().contains(secret),
         "password appears in the log:\n{}",

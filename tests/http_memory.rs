@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use common::contract::ensure_fd_limit;
@@ -24,25 +23,14 @@ fn clients_that_pipeline_and_never_read_hold_little_and_memory_comes_back() {
 
     // 100 KB of `GET /metrics` per connection, sent until the server stops
     // taking it; nothing is ever read.
-    let payload = pipelined_metrics_requests();
-    let mut attackers = open_pipeliners(&s, CONNS);
+    let mut attackers = Pipeliners::open(&s, CONNS);
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
-        let mut progress = false;
-        for (c, sent) in attackers
-            .iter_mut()
-            .filter(|(_, sent)| *sent < payload.len())
-        {
-            if let Ok(n) = c.write(&payload[*sent..]) {
-                *sent += n;
-                progress |= n > 0;
-            }
-        }
-        if !progress {
+        if !attackers.push() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let sent: usize = attackers.iter().map(|(_, n)| n).sum();
+    let sent = attackers.sent();
     let grown = s.rss_kib().saturating_sub(before);
     let per_conn = grown / CONNS as u64;
     eprintln!("{CONNS} pipelining clients sent {sent} bytes; server RSS grew {grown} KiB, {per_conn} KiB each");

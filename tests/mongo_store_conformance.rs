@@ -11,6 +11,10 @@ mod store_suite;
 
 #[path = "common/mongo.rs"]
 mod mongo;
+// What `mongo.rs` shares with the other test services (as `super::service`).
+#[path = "common/service.rs"]
+#[allow(dead_code)]
+mod service;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

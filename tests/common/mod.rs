@@ -11,6 +11,7 @@ pub mod contract;
 pub mod history;
 pub mod mongo;
 pub mod redis;
+pub mod service;
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
@@ -499,6 +500,20 @@ impl Server {
         }
     }
 
+    /// Wait until the server's log contains `text`; panics (with the log)
+    /// after `timeout`.
+    pub fn await_log(&self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log_text().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} in the log after {timeout:?}:\n{}",
+                self.log_text()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     // --- WebSocket --------------------------------------------------------
 
     /// `ws://ADDR/ws/ROOM?username=NAME` (room and name percent-encoded).
@@ -597,17 +612,6 @@ impl Drop for Server {
             let _ = child.wait();
         }
     }
-}
-
-/// A port nobody listens on at the moment (the kernel's pick), for a
-/// server or service that must be started on a port known beforehand
-/// (`("PORT", ...)` in [`Server::start_with`]). Someone else can take it
-/// before it is bound; callers that can tell retry with another.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("find a free port")
-        .port()
 }
 
 /// The `chatserver` binary to run in `root`: none of the caller's
@@ -1413,22 +1417,51 @@ pub fn non_reading_member(s: &Server, path: &str) -> RawWs {
     RawWs::handshake(sock.into(), s.addr(), path)
 }
 
-/// What an attacker that pipelines and never reads sends on each of its
-/// connections: 100 KB of `GET /metrics` (an answer of about 12 KB each).
-pub fn pipelined_metrics_requests() -> Vec<u8> {
-    let req = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
-    req.repeat(100_000 / req.len())
+/// An attacker's connections that pipeline requests and never read: each
+/// sends 100 KB of `GET /metrics` (an answer of about 12 KB each) as the
+/// server takes it.
+pub struct Pipeliners {
+    payload: Vec<u8>,
+    /// Each connection (non-blocking) with the bytes it has sent.
+    pub conns: Vec<(TcpStream, usize)>,
 }
 
-/// `n` non-blocking connections to `s`, each with the count of bytes sent.
-pub fn open_pipeliners(s: &Server, n: usize) -> Vec<(TcpStream, usize)> {
-    (0..n)
-        .map(|_| {
-            let c = TcpStream::connect(s.addr()).expect("connect");
-            c.set_nonblocking(true).expect("nonblocking");
-            (c, 0)
-        })
-        .collect()
+impl Pipeliners {
+    /// `n` connections to `s`, nothing sent yet.
+    pub fn open(s: &Server, n: usize) -> Pipeliners {
+        let req = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+        let conns = (0..n)
+            .map(|_| {
+                let c = TcpStream::connect(s.addr()).expect("connect");
+                c.set_nonblocking(true).expect("nonblocking");
+                (c, 0)
+            })
+            .collect();
+        Pipeliners {
+            payload: req.repeat(100_000 / req.len()),
+            conns,
+        }
+    }
+
+    /// Send on each connection what its socket takes now; true if any
+    /// took something.
+    pub fn push(&mut self) -> bool {
+        let mut progress = false;
+        for (c, sent) in self.conns.iter_mut() {
+            if *sent < self.payload.len() {
+                if let Ok(n) = c.write(&self.payload[*sent..]) {
+                    *sent += n;
+                    progress |= n > 0;
+                }
+            }
+        }
+        progress
+    }
+
+    /// Bytes sent on all connections.
+    pub fn sent(&self) -> usize {
+        self.conns.iter().map(|(_, n)| n).sum()
+    }
 }
 
 /// A WebSocket spoken by hand over a TcpStream.

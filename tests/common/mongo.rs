@@ -22,9 +22,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::hash_map::RandomState;
 use std::fs::{File, OpenOptions};
-use std::hash::{BuildHasher, Hasher};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -37,6 +35,8 @@ use std::time::{Duration, Instant};
 
 use mongodb::bson::{doc, Document};
 
+use super::service::{random_u64, ServiceProcess, StartError};
+
 /// How long a FerretDB may take to accept connections.
 const FERRET_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a FerretDB may take to exit after SIGTERM before it gets SIGKILL.
@@ -48,18 +48,6 @@ const FERRET_BUILD_TIMEOUT: Duration = Duration::from_secs(900);
 // Names and ports
 
 static DB_COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-fn random_u64() -> u64 {
-    let mut h = RandomState::new().build_hasher();
-    h.write_u64(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
-}
 
 /// A database name no other test (of this run or another) uses:
 /// `cc_<tag>_<pid>_<n>_<random>`, valid for MongoDB and FerretDB alike.
@@ -77,25 +65,7 @@ pub fn unique_db(tag: &str) -> String {
     )
 }
 
-/// A TCP port on 127.0.0.1 where nothing listens right now, below Linux's
-/// default ephemeral range (so outgoing connections do not take it meanwhile).
-pub fn free_port() -> u16 {
-    for _ in 0..200 {
-        let port = 20_000 + (random_u64() % 12_000) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok()
-            && TcpStream::connect_timeout(
-                &SocketAddr::from(([127, 0, 0, 1], port)),
-                Duration::from_millis(200),
-            )
-            .is_err()
-        {
-            return port;
-        }
-    }
-    // Fall back on whatever the kernel hands out.
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local_addr").port()
-}
+pub use super::service::free_port;
 
 // ---------------------------------------------------------------------------
 // Spawning from a thread that never exits
@@ -269,12 +239,6 @@ fn log_since(path: &Path, offset: u64) -> String {
 }
 
 /// Why a start attempt failed.
-enum StartError {
-    /// Someone else listens on the port.
-    PortTaken(String),
-    Other(String),
-}
-
 /// Spawn FerretDB on 127.0.0.1:`port` with its data in `dir` and wait
 /// (bounded) until the port accepts connections.
 fn spawn_ferretdb(bin: &Path, dir: &Path, port: u16) -> Result<Child, StartError> {
@@ -477,8 +441,7 @@ pub fn wait_until_answers(uri: &str, timeout: Duration) -> Result<(), String> {
 pub struct FerretInstance {
     bin: PathBuf,
     dir: PathBuf,
-    port: u16,
-    child: Option<Child>,
+    proc: ServiceProcess,
 }
 
 impl FerretInstance {
@@ -489,8 +452,7 @@ impl FerretInstance {
         let mut inst = FerretInstance {
             bin,
             dir: dir.to_path_buf(),
-            port,
-            child: None,
+            proc: ServiceProcess::new("FerretDB", port),
         };
         inst.start_again();
         inst
@@ -498,28 +460,16 @@ impl FerretInstance {
 
     /// Start again after [`stop`](Self::stop): same port, same data.
     pub fn start_again(&mut self) {
-        assert!(self.child.is_none(), "FerretDB is already running");
         // The port may linger for a moment after a stop: retry briefly.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match spawn_ferretdb(&self.bin, &self.dir, self.port) {
-                Ok(child) => {
-                    self.child = Some(child);
-                    break;
+        let (bin, dir) = (&self.bin, &self.dir);
+        self.proc.start(Duration::from_secs(10), |port| {
+            spawn_ferretdb(bin, dir, port).map_err(|e| match e {
+                StartError::PortTaken(text) => {
+                    StartError::PortTaken(tail_str(&text, 4000).to_string())
                 }
-                Err(StartError::PortTaken(text)) => {
-                    if Instant::now() >= deadline {
-                        panic!(
-                            "FerretDB: port {} stays taken:\n{}",
-                            self.port,
-                            tail_str(&text, 4000)
-                        );
-                    }
-                    thread::sleep(Duration::from_millis(200));
-                }
-                Err(StartError::Other(e)) => panic!("FerretDB did not start: {e}"),
-            }
-        }
+                other => other,
+            })
+        });
         if let Err(e) = wait_until_answers(&self.uri(), Duration::from_secs(20)) {
             panic!("{e}\n--- FerretDB log ---\n{}", self.log_tail());
         }
@@ -528,7 +478,7 @@ impl FerretInstance {
     /// Stop it: SIGTERM, then SIGKILL if it has not exited within 10 s.
     /// Returns once the process is gone and the port refuses connections.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
+        let Some(mut child) = self.proc.take() else {
             return;
         };
         // SAFETY: kill(2) on our own child.
@@ -547,13 +497,13 @@ impl FerretInstance {
                 }
             }
         }
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let addr = self.proc.addr();
         let deadline = Instant::now() + Duration::from_secs(5);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
             assert!(
                 Instant::now() < deadline,
                 "port {} still accepts connections after FerretDB stopped",
-                self.port
+                self.port()
             );
             thread::sleep(Duration::from_millis(50));
         }
@@ -561,40 +511,28 @@ impl FerretInstance {
 
     /// Stop it at once with SIGKILL (a crash).
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.proc.kill();
     }
 
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.proc.is_running()
     }
 
     /// The process id while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+        self.proc.pid()
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.proc.port()
     }
 
     pub fn uri(&self) -> String {
-        format!("mongodb://127.0.0.1:{}/", self.port)
+        format!("mongodb://127.0.0.1:{}/", self.port())
     }
 
     pub fn log_tail(&self) -> String {
         log_tail(&self.dir.join("ferretdb.log"), 4000)
-    }
-}
-
-impl Drop for FerretInstance {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 

@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::free_port;
+use super::service::{free_port, ServiceProcess, StartError};
 
 /// How long a started Redis may take to answer PING.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,15 +62,7 @@ pub fn redis_server_binary() -> PathBuf {
 pub struct Redis {
     bin: PathBuf,
     dir: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
-}
-
-/// Why a start did not get a running Redis.
-enum StartError {
-    /// Someone else has the port (Redis's log says so).
-    PortTaken(String),
-    Other(String),
+    proc: ServiceProcess,
 }
 
 impl Redis {
@@ -83,21 +75,15 @@ impl Redis {
             .prefix("chatconnect-redis-")
             .tempdir()
             .expect("create a temp dir for redis-server");
-        let mut redis = Redis {
-            bin,
-            dir,
-            port: 0,
-            child: None,
-        };
         // A free port can be taken between choosing it and Redis binding
         // it: choose another then.
         let mut last = String::new();
         for _ in 0..5 {
-            redis.port = free_port();
-            match redis.spawn() {
+            let port = free_port();
+            match spawn_redis(&bin, dir.path(), port) {
                 Ok(child) => {
-                    redis.child = Some(child);
-                    return redis;
+                    let proc = ServiceProcess::running("redis-server", port, child);
+                    return Redis { bin, dir, proc };
                 }
                 Err(StartError::PortTaken(log)) => last = log,
                 Err(StartError::Other(e)) => panic!("{e}"),
@@ -110,60 +96,37 @@ impl Redis {
     /// keeps nothing on disk). Panics when the port stays taken or it does
     /// not answer.
     pub fn start_again(&mut self) {
-        assert!(self.child.is_none(), "redis-server is already running");
-        let deadline = Instant::now() + PORT_RETRY;
-        loop {
-            match self.spawn() {
-                Ok(child) => {
-                    self.child = Some(child);
-                    return;
-                }
-                Err(StartError::PortTaken(log)) => {
-                    if Instant::now() >= deadline {
-                        panic!(
-                            "redis-server: port {} stays taken for {PORT_RETRY:?}:\n{log}",
-                            self.port
-                        );
-                    }
-                    thread::sleep(Duration::from_millis(100));
-                }
-                Err(StartError::Other(e)) => panic!("{e}"),
-            }
-        }
+        let (bin, dir) = (&self.bin, self.dir.path());
+        self.proc
+            .start(PORT_RETRY, |port| spawn_redis(bin, dir, port));
     }
 
     /// Stop it at once with SIGKILL (a crash) and wait for it to be gone.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.proc.kill();
     }
 
     /// True while the process runs.
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.proc.is_running()
     }
 
     /// The process id while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+        self.proc.pid()
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.proc.port()
     }
 
     /// The address for `BROKER_URL`.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("redis://127.0.0.1:{}", self.port())
     }
 
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        self.proc.addr()
     }
 
     /// The directory Redis runs in (its log is there).
@@ -173,9 +136,7 @@ impl Redis {
 
     /// The end of Redis's log, for failure messages.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read(self.dir.path().join(LOG_FILE)).unwrap_or_default();
-        let from = text.len().saturating_sub(4000);
-        String::from_utf8_lossy(&text[from..]).into_owned()
+        tail_of(&self.dir.path().join(LOG_FILE))
     }
 
     /// Run one command and return Redis's raw reply (`+PONG\r\n`,
@@ -193,79 +154,6 @@ impl Redis {
     /// Like [`cmd`](Self::cmd), with the failure as a value.
     pub fn try_cmd(&self, args: &[&str]) -> Result<String, String> {
         command(self.addr(), args, CMD_TIMEOUT)
-    }
-
-    fn spawn(&self) -> Result<Child, StartError> {
-        let dir = self.dir.path();
-        let log_path = dir.join(LOG_FILE);
-        let offset = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| StartError::Other(format!("open {}: {e}", log_path.display())))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|e| StartError::Other(format!("dup the log file: {e}")))?;
-        let port = self.port.to_string();
-        let mut child = Command::new(&self.bin)
-            .args(["--port", &port, "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .map_err(|e| StartError::Other(format!("spawn {}: {e}", self.bin.display())))?;
-
-        // Until it answers, watch for an early exit (the port taken).
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                let text = std::fs::read(&log_path).unwrap_or_default();
-                let text = text.get(offset as usize..).unwrap_or(&text);
-                let text = String::from_utf8_lossy(text).into_owned();
-                return Err(if text.contains("Address already in use") {
-                    StartError::PortTaken(text)
-                } else {
-                    StartError::Other(format!(
-                        "redis-server on port {} exited with {status} at start\n--- redis log ---\n{text}",
-                        self.port
-                    ))
-                });
-            }
-            // The one answering must be ours, not a program that had the
-            // port first (ours then exits with the port taken, above).
-            if ping(self.addr()) && self.answering_pid() == Some(child.id()) {
-                return Ok(child);
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(StartError::Other(format!(
-                    "redis-server on port {} did not answer PING within {READY_TIMEOUT:?}\n--- redis log ---\n{}",
-                    self.port,
-                    self.log_tail()
-                )));
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The process id the Redis on the port reports (`INFO server`).
-    fn answering_pid(&self) -> Option<u32> {
-        let info = command(self.addr(), &["INFO", "server"], CMD_TIMEOUT).ok()?;
-        info.lines()
-            .find_map(|l| l.strip_prefix("process_id:"))
-            .and_then(|p| p.trim().parse().ok())
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -391,4 +279,80 @@ impl Subscriber {
         read_reply(&mut self.reader, &mut raw)?;
         Ok(String::from_utf8_lossy(&raw).into_owned())
     }
+}
+
+/// The last 4,000 bytes of a log file.
+fn tail_of(path: &Path) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let from = text.len().saturating_sub(4000);
+    String::from_utf8_lossy(&text[from..]).into_owned()
+}
+
+/// Spawn `redis-server` on 127.0.0.1:`port` in `dir` and wait (bounded)
+/// until it answers PING as the process started.
+fn spawn_redis(bin: &Path, dir: &Path, port: u16) -> Result<Child, StartError> {
+    let log_path = dir.join(LOG_FILE);
+    let offset = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| StartError::Other(format!("open {}: {e}", log_path.display())))?;
+    let log_err = log
+        .try_clone()
+        .map_err(|e| StartError::Other(format!("dup the log file: {e}")))?;
+    let port_s = port.to_string();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut child = Command::new(bin)
+        .args(["--port", &port_s, "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .spawn()
+        .map_err(|e| StartError::Other(format!("spawn {}: {e}", bin.display())))?;
+
+    // Until it answers, watch for an early exit (the port taken).
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let text = std::fs::read(&log_path).unwrap_or_default();
+            let text = text.get(offset as usize..).unwrap_or(&text);
+            let text = String::from_utf8_lossy(text).into_owned();
+            return Err(if text.contains("Address already in use") {
+                StartError::PortTaken(text)
+            } else {
+                StartError::Other(format!(
+                    "redis-server on port {} exited with {status} at start\n--- redis log ---\n{text}",
+                    port
+                ))
+            });
+        }
+        // The one answering must be ours, not a program that had the
+        // port first (ours then exits with the port taken, above).
+        if ping(addr) && answering_pid(addr) == Some(child.id()) {
+            return Ok(child);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(StartError::Other(format!(
+                "redis-server on port {} did not answer PING within {READY_TIMEOUT:?}\n--- redis log ---\n{}",
+                port,
+                tail_of(&log_path)
+            )));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The process id the Redis at `addr` reports (`INFO server`).
+fn answering_pid(addr: SocketAddr) -> Option<u32> {
+    let info = command(addr, &["INFO", "server"], CMD_TIMEOUT).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|p| p.trim().parse().ok())
 }
