@@ -519,9 +519,9 @@ pub(crate) struct RoomOut<'a> {
     name: &'a str,
     creator: &'a str,
     created_at: String,
-    /// Live WebSocket members in this process (room list only).
+    /// Live WebSocket members, on every process (room list only).
     #[serde(skip_serializing_if = "Option::is_none")]
-    members: Option<usize>,
+    members: Option<u64>,
 }
 
 pub(crate) fn room_json(r: &Room) -> RoomOut<'_> {
@@ -534,11 +534,8 @@ pub(crate) fn room_json(r: &Room) -> RoomOut<'_> {
 }
 
 /// The answer to `GET /rooms`: the stored rooms, each with its live member
-/// count (`members`, from the reactor's room registry).
-pub(crate) fn room_list(
-    result: StoreResult<Vec<Room>>,
-    members: impl Fn(&str) -> usize,
-) -> Response {
+/// count (`members`, from the reactor's census).
+pub(crate) fn room_list(result: StoreResult<Vec<Room>>, members: impl Fn(&str) -> u64) -> Response {
     match result {
         Ok(rooms) => {
             let list: Vec<RoomOut<'_>> = rooms

@@ -177,6 +177,15 @@ impl Rooms {
             .map_or(0, |r| r.members.len())
     }
 
+    /// Every room with members here, with how many.
+    pub fn member_counts(&self) -> Vec<(String, u64)> {
+        self.slab
+            .iter()
+            .filter(|(_, r)| !r.members.is_empty())
+            .map(|(_, r)| (r.name.to_string(), r.members.len() as u64))
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.slab.len()
     }

@@ -3,8 +3,10 @@
 //! (FerretDB): members spread over the processes and senders on each get
 //! every message once and in `seq` order; Redis killed and started again
 //! mid-chat loses nothing; Redis absent at start and arriving later; a room
-//! deleted on one process closes its members on the others; a malformed
-//! `BROKER_URL` is refused at start.
+//! deleted on one process closes its members on the others, and the room
+//! made again under its name gets none of the old room's messages; member
+//! counts in `GET /rooms` add up every process, and a dead process drops
+//! out of them; a malformed `BROKER_URL` is refused at start.
 
 mod common;
 
@@ -310,4 +312,174 @@ fn a_process_killed_mid_chat_leaves_nothing_missing_for_its_members() {
     let seqs: Vec<i64> = got.iter().map(|m| m["seq"].as_i64().unwrap()).collect();
     assert_eq!(seqs, (last + 1..=last + 15).collect::<Vec<_>>());
     assert_eq!(got.last().unwrap()["content"], "after9");
+}
+
+/// `members` of `room` in `server`'s `GET /rooms` (0 when not listed).
+fn listed_members(server: &Server, room: &str) -> u64 {
+    server
+        .rooms()
+        .iter()
+        .find(|r| r["name"] == room)
+        .and_then(|r| r["members"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Poll every server's room list until each counts `want` members in
+/// `room`; returns how long that took. Panics after `timeout`.
+fn await_members(servers: &[&Server], room: &str, want: u64, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let seen: Vec<u64> = servers.iter().map(|s| listed_members(s, room)).collect();
+        if seen.iter().all(|&n| n == want) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{room}: processes count {seen:?} members, not {want} each, after {timeout:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `GET /rooms` on any process counts the members of every process, follows
+/// joins and leaves, and drops a process killed with SIGKILL within a few
+/// seconds (its counts expire in Redis).
+#[test]
+fn member_counts_add_up_every_process_and_drop_a_dead_one() {
+    let redis = Redis::start();
+    let (_dir, mut servers) = sqlite_cluster(&redis, 3);
+    let room = uniq("counted");
+    let other = uniq("elsewhere");
+    let mut clients = Vec::new();
+    for (i, n) in [2, 1, 3].into_iter().enumerate() {
+        for j in 0..n {
+            let mut c = servers[i].ws(&room, &format!("m{i}-{j}"));
+            c.round_trip("here", WAIT);
+            clients.push((i, c));
+        }
+    }
+    let mut lone = servers[1].ws(&other, "lone");
+    lone.round_trip("here", WAIT);
+    let all: Vec<&Server> = servers.iter().collect();
+    await_members(&all, &room, 6, Duration::from_secs(10));
+    await_members(&all, &other, 1, Duration::from_secs(10));
+    for s in &servers {
+        s.await_metric("chatconnect_broker_instances", "3 processes", |v| v == 3.0);
+    }
+
+    // One of process 0's members leaves.
+    let at = clients.iter().position(|(i, _)| *i == 0).expect("one on 0");
+    drop(clients.remove(at));
+    await_members(&all, &room, 5, Duration::from_secs(10));
+
+    // Process 2 (3 members) dies without a word.
+    common::contract::signal(&servers[2], libc::SIGKILL);
+    let _ = servers[2].wait_exit(Duration::from_secs(10));
+    let dead = servers.pop().expect("three");
+    let live: Vec<&Server> = servers.iter().collect();
+    let took = await_members(&live, &room, 2, Duration::from_secs(15));
+    // Its counts expire 3 s after its last refresh; others read once a
+    // second.
+    assert!(
+        took < Duration::from_secs(6),
+        "a dead process counted for {took:?}"
+    );
+    await_members(&live, &other, 1, Duration::from_secs(5));
+    for s in &servers {
+        s.await_metric("chatconnect_broker_instances", "2 processes", |v| v == 2.0);
+    }
+    drop(dead);
+}
+
+/// Without a broker a room's count is this process's alone.
+#[test]
+fn member_counts_without_a_broker_are_this_process_s() {
+    let s = Server::start();
+    let room = uniq("alone");
+    let mut a = s.ws(&room, "a");
+    let mut b = s.ws(&room, "b");
+    a.round_trip("1", WAIT);
+    b.round_trip("2", WAIT);
+    assert_eq!(listed_members(&s, &room), 2);
+    assert!(s.metrics().contains("chatconnect_broker_instances 0"));
+}
+
+/// A room deleted while messages are on their way through the broker, then
+/// made again under its name at once: the new room's members, on every
+/// process, get the new room's messages only, from its first seq on, once
+/// each and in order.
+#[test]
+fn a_room_made_again_never_gets_the_old_room_s_messages() {
+    let redis = Redis::start();
+    let (_dir, servers) = sqlite_cluster(&redis, 2);
+    let room = uniq("reborn");
+    let r = servers[0].post(
+        "/rooms",
+        &serde_json::json!({"name": room, "username": "alice"}),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    // Senders on both processes keep the old room busy until it goes.
+    let senders: Vec<thread::JoinHandle<()>> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mut c = s.ws(&room, &format!("old{i}"));
+            thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                let mut k = 0;
+                while Instant::now() < deadline {
+                    if c.try_send_content(&format!("old{i}-{k}")).is_err() {
+                        return; // closed: the room is gone
+                    }
+                    k += 1;
+                    // Read what came back meanwhile; stop at the close.
+                    loop {
+                        match c.recv(Duration::from_millis(2)) {
+                            Event::Text(_) => continue,
+                            Event::Timeout => break,
+                            _ => return,
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    let r = servers[0].delete(&format!("/rooms?name={}&username=alice", enc(&room)));
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = servers[1].post(
+        "/rooms",
+        &serde_json::json!({"name": room, "username": "carol"}),
+    );
+    assert_eq!(r.status, 201, "made again: {r:?}");
+    for h in senders {
+        h.join().expect("old sender");
+    }
+    // The new room's members, one on each process, each sending.
+    let mut members: Vec<WsClient> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| s.ws(&room, &format!("new{i}")))
+        .collect();
+    let per = 20;
+    for k in 0..per {
+        for (i, c) in members.iter_mut().enumerate() {
+            c.send_content(&format!("s{i}-{k}"));
+        }
+    }
+    for (i, c) in members.iter_mut().enumerate() {
+        let got = receive_all(c, 2 * per, Duration::from_secs(30));
+        for m in &got {
+            let text = m["content"].as_str().unwrap_or_default();
+            assert!(!text.starts_with("old"), "member {i} got {m}");
+        }
+        assert_eq!(got[0]["seq"].as_i64(), Some(1), "member {i}: {:?}", got[0]);
+    }
+    let stored = servers[0].messages(&room, "");
+    assert!(
+        stored
+            .iter()
+            .all(|m| !m["content"].as_str().unwrap_or_default().starts_with("old")),
+        "the new room's history holds old messages"
+    );
 }

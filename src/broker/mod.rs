@@ -17,11 +17,15 @@
 //!   subscribed, and hands each notice to the reactor through `deliver`
 //!   (a completion and the waker, as workers do).
 //!
-//! Both reconnect on their own, with a backoff.
+//! A third thread keeps the member counts of every process in Redis
+//! (`census.rs`), for `GET /rooms`.
+//!
+//! All reconnect on their own, with a backoff.
 
+pub mod census;
 pub mod wire;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -40,6 +44,9 @@ pub enum Event {
     Batch(wire::Batch),
     /// Another process deleted a room.
     Deleted(String),
+    /// The other processes' members, per room (`census.rs`); empty while
+    /// Redis is away.
+    Counts(HashMap<String, u64>),
 }
 
 /// What `/metrics` shows of the broker.
@@ -50,6 +57,9 @@ pub struct BrokerStats {
     pub published: AtomicU64,
     pub received: AtomicU64,
     pub dropped: AtomicU64,
+    /// Live processes in the last member count, this one included (0 while
+    /// Redis is away).
+    pub instances: AtomicU64,
 }
 
 /// Notices waiting for the publisher at most; past it the oldest goes (the
@@ -89,14 +99,16 @@ pub fn check_url(url: &str) -> Result<(), String> {
 }
 
 impl Broker {
-    /// Start the threads. `deliver` runs on the subscriber thread for each
-    /// event; it must not block.
+    /// Start the threads. `deliver` runs on the subscriber and census
+    /// threads for each event; it must not block. The reporter is how the
+    /// reactor hands the census its member counts.
     pub fn start(
         url: &str,
         prefix: &str,
-        deliver: impl Fn(Event) + Send + 'static,
-    ) -> Result<Broker, String> {
+        deliver: impl Fn(Event) + Send + Sync + 'static,
+    ) -> Result<(Broker, census::Reporter), String> {
         check_url(url)?;
+        let deliver: Arc<dyn Fn(Event) + Send + Sync> = Arc::new(deliver);
         let client = redis::Client::open(url).map_err(|e| e.to_string())?;
         let id = process_id();
         let stats = Arc::new(BrokerStats::default());
@@ -110,6 +122,15 @@ impl Broker {
                 .spawn(move || publisher(client, pub_rx, stats))
                 .map_err(|e| e.to_string())?;
         }
+        let (to_census, census_rx) = crossbeam_channel::unbounded();
+        {
+            let (client, stats, deliver) = (client.clone(), stats.clone(), deliver.clone());
+            let keys = census::Keys::new(prefix, id);
+            thread::Builder::new()
+                .name("broker-census".into())
+                .spawn(move || census::run(client, census_rx, keys, stats, deliver))
+                .map_err(|e| e.to_string())?;
+        }
         {
             let (stats, prefix) = (stats.clone(), prefix.to_string());
             thread::Builder::new()
@@ -117,13 +138,14 @@ impl Broker {
                 .spawn(move || subscriber(client, sub_rx, stats, id, prefix, control, deliver))
                 .map_err(|e| e.to_string())?;
         }
-        Ok(Broker {
+        let broker = Broker {
             id,
             prefix: prefix.to_string(),
             to_pub,
             to_sub,
             stats,
-        })
+        };
+        Ok((broker, census::Reporter::new(to_census)))
     }
 
     /// Publish a stored batch of `room`.
@@ -273,7 +295,7 @@ fn subscriber(
     me: u64,
     prefix: String,
     control: String,
-    deliver: impl Fn(Event),
+    deliver: Arc<dyn Fn(Event) + Send + Sync>,
 ) {
     let mut wanted: HashSet<String> = HashSet::new();
     let mut backoff = Backoff::new();
@@ -308,7 +330,7 @@ fn subscriber(
             me,
             &prefix,
             &control,
-            &deliver,
+            &*deliver,
         );
         stats.subscriber_up.store(false, Ordering::Relaxed);
         if let Err(e) = result {
@@ -344,7 +366,7 @@ fn session(
     me: u64,
     prefix: &str,
     control: &str,
-    deliver: &impl Fn(Event),
+    deliver: &dyn Fn(Event),
 ) -> redis::RedisResult<()> {
     let mut ps = conn.as_pubsub();
     ps.set_read_timeout(Some(POLL))?;

@@ -19,6 +19,7 @@ use mio::Waker;
 
 use super::{fanout, joins, Reactor};
 use crate::api;
+use crate::broker::Event;
 use crate::http::Response;
 use crate::rooms::ConnRef;
 use crate::store::{Room, Store, StoreResult, StoredMessage};
@@ -207,7 +208,7 @@ impl Reactor {
         match outcome {
             Outcome::Http { conn, resp } => self.complete_http(conn, resp),
             Outcome::Rooms { conn, result } => {
-                let resp = api::room_list(result, |name| self.rooms.member_count(name));
+                let resp = api::room_list(result, |name| self.census.members(&self.rooms, name));
                 self.complete_http(conn, resp);
             }
             Outcome::Deleted {
@@ -279,6 +280,7 @@ impl Reactor {
                 rooms,
                 results,
             ),
+            Outcome::Broker(Event::Counts(counts)) => self.census.remote(counts),
             Outcome::Broker(event) => {
                 self.relay
                     .on_event(&mut self.conns, &mut self.rooms, &mut self.joins, event)

@@ -92,7 +92,7 @@ impl Reactor {
             self.trim.count,
         );
         {
-            let (up, published, received) = self.relay.broker_figures();
+            let (up, published, received, instances) = self.relay.broker_figures();
             let r = &self.relay.stats;
             for (name, kind, help, value) in [
                 ("chatconnect_broker_connected", "gauge", "1 while both broker connections are up (0 without BROKER_URL).", u64::from(up)),
@@ -100,6 +100,7 @@ impl Reactor {
                 ("chatconnect_broker_received_total", "counter", "Batches received from other processes.", received),
                 ("chatconnect_broker_store_reads_total", "counter", "Store reads for gaps and catch-ups after (re)subscribing.", r.reads),
                 ("chatconnect_broker_repaired_total", "counter", "Messages delivered from the store that the broker had not brought.", r.repaired),
+                ("chatconnect_broker_instances", "gauge", "Live processes in the last member count, this one included (0 without a reachable broker).", instances),
                 ("chatconnect_broker_stale_total", "counter", "Batches dropped because the store did not have them (a room deleted and made again).", r.stale),
             ] {
                 sample(&mut out, name, kind, help, value);

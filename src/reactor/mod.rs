@@ -34,6 +34,7 @@
 //! `docs/ARCHITECTURE.md` walks a chat message and a join through them.
 
 mod budget;
+mod census;
 mod completions;
 mod conns;
 mod fanout;
@@ -63,6 +64,7 @@ use crate::presence::Presence;
 use crate::rooms::Rooms;
 use crate::store::Store;
 use budget::Budget;
+use census::Census;
 use completions::{Completions, LaneSizes, Lanes};
 use conns::{Conns, Kind, LISTENER, WAKER};
 use joins::Joins;
@@ -110,6 +112,8 @@ pub struct Reactor {
     budget: Budget,
     /// Other processes' batches through the broker, in order (`relay.rs`).
     relay: Relay,
+    /// Member counts of this and the other processes (`census.rs`).
+    census: Census,
     /// Events buffer for taking socket events in the middle of a pass.
     mid_pass_events: Option<Events>,
 }
@@ -136,8 +140,8 @@ impl Reactor {
             write: cfg.store_writers(),
         };
         let (lanes, completions) = completions::start(&sizes, store, &waker)?;
-        let broker = match &cfg.broker_url {
-            None => None,
+        let (broker, reporter) = match &cfg.broker_url {
+            None => (None, None),
             Some(url) => {
                 let (tx, wake) = (completions.sender(), waker.clone());
                 let deliver = move |event| {
@@ -145,7 +149,7 @@ impl Reactor {
                         let _ = wake.wake();
                     }
                 };
-                let b = crate::broker::Broker::start(url, &cfg.broker_prefix, deliver)
+                let (b, reporter) = crate::broker::Broker::start(url, &cfg.broker_prefix, deliver)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
                 log::info!(
                     "broker: {} (prefix {:?}); this process is {:016x}",
@@ -153,7 +157,7 @@ impl Reactor {
                     cfg.broker_prefix,
                     b.id
                 );
-                Some(b)
+                (Some(b), Some(reporter))
             }
         };
         let reactor = Reactor {
@@ -170,6 +174,7 @@ impl Reactor {
             trim: Trim::new(),
             budget: Budget::new(cfg.max_client_memory),
             relay: Relay::new(broker),
+            census: Census::new(reporter),
             mid_pass_events: Some(Events::with_capacity(1024)),
             conns,
         };
@@ -215,6 +220,7 @@ impl Reactor {
             if now >= next_tick {
                 timers::on_tick(&mut self.conns, &mut self.rooms, now);
                 self.relay.sweep(&self.rooms);
+                self.census.on_tick(&self.rooms, now);
                 self.flush_all();
                 self.budget.enforce(&mut self.conns, &mut self.rooms, now);
                 self.trim

@@ -220,6 +220,8 @@ impl Relay {
                 };
                 self.offer(conns, rooms, joins, key, Encoded::received(b), false);
             }
+            // The census's, not the relay's (the completions route them).
+            Event::Counts(_) => {}
             Event::Deleted(room) => {
                 self.forget_position(&room);
                 joins.forget(&room);
@@ -361,15 +363,16 @@ impl Relay {
         }
     }
 
-    /// Broker figures for `/metrics`: (up, published, received); without a
-    /// broker, down and nothing.
-    pub(super) fn broker_figures(&self) -> (bool, u64, u64) {
-        self.broker.as_ref().map_or((false, 0, 0), |b| {
+    /// Broker figures for `/metrics`: (up, published, received, live
+    /// processes); without a broker, down and nothing.
+    pub(super) fn broker_figures(&self) -> (bool, u64, u64, u64) {
+        self.broker.as_ref().map_or((false, 0, 0, 0), |b| {
             let s = &b.stats;
             (
                 s.subscriber_up.load(Ordering::Relaxed) && s.publisher_up.load(Ordering::Relaxed),
                 s.published.load(Ordering::Relaxed),
                 s.received.load(Ordering::Relaxed),
+                s.instances.load(Ordering::Relaxed),
             )
         })
     }

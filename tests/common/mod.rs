@@ -1001,6 +1001,13 @@ impl WsClient {
         self.send_json(&serde_json::json!({ "content": content }));
     }
 
+    /// Like `send_content` but reports failure (the server may have
+    /// closed the socket).
+    pub fn try_send_content(&mut self, content: &str) -> Result<(), tungstenite::Error> {
+        let text = serde_json::json!({ "content": content }).to_string();
+        self.ws.send(Message::text(text))
+    }
+
     /// The next data or close event, skipping pings and pongs.
     pub fn recv(&mut self, timeout: Duration) -> Event {
         let deadline = Instant::now() + timeout;
