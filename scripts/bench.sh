@@ -14,14 +14,27 @@
 # and FerretDB (one instance started by scripts/ferretdb.sh, built on first
 # use, stopped at the end; a fresh MONGO_DB per scenario). The report puts
 # the stores side by side with their ratio; the yardsticks have no store and
-# run once. chatserver gets WS_RATE_LIMIT=0 for fanout, many and login (their
-# clients send faster than the per-socket limit); the others keep the default.
+# run once. chatserver gets WS_RATE_LIMIT=0 for fanout, many, cluster and
+# login (their clients send faster than the per-socket limit); the others
+# keep the default.
+#
+# cluster (not in the default list: about 4 minutes per store at full size,
+# 1 at --quick, on top of fanout and many) runs fanout and many again with
+# their members and senders split evenly over two chatserver processes that
+# share the store (one DATA_DIR, or one MONGO_DB) and one redis-server
+# (Debian's; BROKER_URL, BROKER_PREFIX), against the single instance's
+# result of the same run (fanout and many run first when they are not in
+# the list): deliveries/s and their ratio, the latency a cross-instance hop
+# adds at the single instance's sustained rate, and the broker path's CPU
+# and bytes per batch and message. Only chatserver (the yardsticks have no
+# broker).
 #
 # Usage: scripts/bench.sh [--quick] [--only SCENARIO[,SCENARIO..]]
 #                         [--targets chatserver,floor,baseline]
 #                         [--store sqlite|ferretdb|both] [--out DIR]
 #                         [-- EXTRA LOADGEN FLAGS]
-#   scenarios: idle fanout many joinstorm login rest groupcommit (default: all)
+#   scenarios: idle fanout many joinstorm login rest groupcommit cluster
+#              (default: all but cluster; cluster always runs last)
 #              joinstorm: 5,000 sockets over 50 rooms of 20 messages, 200
 #              connects in flight (--quick: 1,000 over 20 rooms)
 #              groupcommit runs benches/group_commit.rs on each store
@@ -39,6 +52,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
+prog=bench.sh
+# shellcheck source=scripts/lib/common.sh
+source "$root/scripts/lib/common.sh"
 
 quick=()
 only="idle,fanout,many,joinstorm,login,rest,groupcommit"
@@ -64,8 +80,17 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 for s in ${only//,/ }; do
-    case "$s" in idle|fanout|many|joinstorm|login|rest|groupcommit) ;; *) echo "bench.sh: unknown scenario $s" >&2; exit 2 ;; esac
+    case "$s" in idle|fanout|many|joinstorm|login|rest|groupcommit|cluster) ;; *) echo "bench.sh: unknown scenario $s" >&2; exit 2 ;; esac
 done
+# cluster compares with fanout and many of the same run: it goes last.
+if [[ ,$only, == *,cluster,* ]]; then
+    only=$(tr , '\n' <<<"$only" | { grep -vx cluster || true; } | paste -sd, -)
+    only=${only:+$only,}cluster
+fi
+if [[ ,$only, == *,cluster,* ]] && ! command -v redis-server >/dev/null 2>&1; then
+    echo "bench.sh: the cluster scenario needs redis-server (apt-get install -y redis-server)" >&2
+    exit 2
+fi
 case "$store" in
     sqlite) stores=(sqlite) ;;
     ferretdb) stores=(ferretdb) ;;
@@ -158,12 +183,13 @@ stop_ferret() {
         ferret_uri=""
     fi
 }
-trap 'stop_target; stop_ferret' EXIT
+trap 'stop_target; stop_cluster; stop_ferret' EXIT
 
-# scrape_metrics FILE: chatserver's /metrics page at $addr into FILE (bash's
-# /dev/tcp, so nothing else is needed).
+# scrape_metrics FILE [ADDR]: chatserver's /metrics page at ADDR (default
+# $addr) into FILE (bash's /dev/tcp, so nothing else is needed).
 scrape_metrics() {
-    local host=${addr%:*} port=${addr##*:}
+    local a=${2:-$addr}
+    local host=${a%:*} port=${a##*:}
     {
         exec 3<>"/dev/tcp/$host/$port" &&
             printf 'GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n' >&3 &&
@@ -196,19 +222,170 @@ start_target() {
     echo "ulimit -n 20000; ${cmd[*]}" >>"$commands"
     "${cmd[@]}" 2>"$log" &
     pid=$!
+    await_listening "$1" "$pid" "$log" || { pid=""; return 1; }
+}
+
+# await_listening NAME PID LOG: sets addr from the server's 'listening on'
+# line (30 s at most).
+await_listening() {
     for _ in $(seq 1 300); do
-        addr=$(grep -o 'listening on [0-9.]*:[0-9]*' "$log" | head -n 1 | sed 's/listening on //' || true)
+        addr=$(grep -o 'listening on [0-9.]*:[0-9]*' "$3" | head -n 1 | sed 's/listening on //' || true)
         [[ -n $addr ]] && return 0
-        if ! kill -0 "$pid" 2>/dev/null; then
+        if ! kill -0 "$2" 2>/dev/null; then
             echo "bench.sh: $1 exited at start:" >&2
-            cat "$log" >&2
-            pid=""
+            cat "$3" >&2
             return 1
         fi
         sleep 0.1
     done
     echo "bench.sh: $1 printed no 'listening on' line within 30 s" >&2
     return 1
+}
+
+# run_one TARGET SCENARIO [STORE]: one scenario against a fresh server;
+# fails if the server did not start or the scenario reported a failure.
+run_one() {
+    local t=$1 scn=$2 st=${3:-} kind name rc=0
+    case $t in chatserver) kind=server ;; *) kind=$t ;; esac
+    name=$scn-$t${st:+-$st}
+    echo "== $scn: $t${st:+ on $st}"
+    if ! start_target "$t" "$scn" "$name" "$st"; then
+        stop_target
+        return 1
+    fi
+    local args=("$scn" --addr "$addr" --server-pid "$pid" --kind "$kind" --label "$t"
+                ${st:+--store "$st"} --json-out "$out/$name.json" "${quick[@]}" "${extra[@]}")
+    echo "cargo bench --bench loadgen -- ${args[*]}" >>"$commands"
+    if ! timeout 900 "$loadgen" "${args[@]}" >/dev/null; then
+        echo "   ($scn against $t${st:+ on $st} reported a failure; see above and $out)"
+        rc=1
+    fi
+    if [[ $t == chatserver ]]; then scrape_metrics "$out/$name.metrics.txt"; fi
+    stop_target
+    return $rc
+}
+
+# --- cluster: two chatservers sharing a store, one Redis -----------------
+
+cpids=()
+caddrs=()
+cdir=""
+redis_pid=""
+redis_port=""
+
+# start_redis LOG: a redis-server on a free port of 127.0.0.1 (no
+# persistence); sets redis_pid and redis_port.
+start_redis() {
+    local log=$1
+    for _ in 1 2 3 4 5; do
+        redis_port=$(random_port)
+        port_open "$redis_port" && continue
+        redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+            --dir "$cdir" --daemonize no </dev/null >>"$log" 2>&1 &
+        redis_pid=$!
+        for _ in $(seq 1 100); do
+            redis_pong "$redis_port" && return 0
+            pid_alive "$redis_pid" || break
+            sleep 0.1
+        done
+        kill -KILL "$redis_pid" 2>/dev/null || true
+        wait "$redis_pid" 2>/dev/null || true
+        redis_pid=""
+    done
+    echo "bench.sh: redis-server did not start (log: $log)" >&2
+    return 1
+}
+
+# start_cluster SCENARIO STORE NAME: Redis, then two chatservers (one after
+# the other, each waiting for its 'listening on') on one store with
+# BROKER_URL; sets cpids, caddrs, redis_port.
+start_cluster() {
+    local scn=$1 st=$2 name=$3 store_env i log cmd
+    cdir=$(mktemp -d "${TMPDIR:-/tmp}/chatconnect-bench-cluster.XXXXXX")
+    start_redis "$out/$name.redis.log" || return 1
+    echo "redis-server --port $redis_port --bind 127.0.0.1 --save '' --appendonly no" >>"$commands"
+    case $st in
+        ferretdb)
+            ensure_ferret || return 1
+            store_env=(MONGO_URI="$ferret_uri" MONGO_DB="bench_cluster_${scn}_$(date +%s)") ;;
+        *) store_env=(-u MONGO_URI -u MONGO_DB) ;;
+    esac
+    for i in 1 2; do
+        log=$out/$name-$i.server.log
+        cmd=(env "${store_env[@]}" PORT=0 HOST=127.0.0.1 DATA_DIR="$cdir" BCRYPT_COST=10
+             WS_RATE_LIMIT=0 BROKER_URL="redis://127.0.0.1:$redis_port"
+             BROKER_PREFIX="bench-$scn" "$chatserver")
+        echo "ulimit -n 20000; ${cmd[*]}" >>"$commands"
+        "${cmd[@]}" 2>"$log" &
+        cpids+=("$!")
+        await_listening "chatserver $i" "$!" "$log" || return 1
+        caddrs+=("$addr")
+    done
+}
+
+stop_cluster() {
+    local p
+    for p in "${cpids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${cpids[@]}"; do
+        for _ in $(seq 1 100); do
+            kill -0 "$p" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    cpids=()
+    caddrs=()
+    if [[ -n $redis_pid ]]; then
+        kill -TERM "$redis_pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do
+            kill -0 "$redis_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$redis_pid" 2>/dev/null || true
+        wait "$redis_pid" 2>/dev/null || true
+        redis_pid=""
+    fi
+    if [[ -n $cdir ]]; then
+        rm -rf "$cdir"
+        cdir=""
+    fi
+}
+
+# The cluster scenario on each store: fanout and many on one instance
+# (unless they ran already in this run), then on two; the number of runs
+# that failed.
+cluster_run() {
+    local st scn ref name fails=0
+    for st in "${stores[@]}"; do
+        for scn in fanout many; do
+            ref=$out/$scn-chatserver-$st.json
+            if [[ ! -f $ref ]] && ! run_one chatserver "$scn" "$st"; then
+                fails=$((fails + 1))
+                continue
+            fi
+            name=cluster-$scn-chatserver-$st
+            echo "== cluster $scn: 2 chatservers on $st, one Redis"
+            if ! start_cluster "$scn" "$st" "$name"; then
+                fails=$((fails + 1))
+                stop_cluster
+                continue
+            fi
+            local args=("$scn" --addr "${caddrs[0]},${caddrs[1]}"
+                        --server-pid "${cpids[0]},${cpids[1]}" --redis "127.0.0.1:$redis_port"
+                        --kind server --label chatserver --store "$st" --single "$ref"
+                        --json-out "$out/$name.json" "${quick[@]}" "${extra[@]}")
+            echo "cargo bench --bench loadgen -- ${args[*]}" >>"$commands"
+            if ! timeout 900 "$loadgen" "${args[@]}" >/dev/null; then
+                echo "   (cluster $scn on $st reported a failure; see above and $out)"
+                fails=$((fails + 1))
+            fi
+            scrape_metrics "$out/$name-1.metrics.txt" "${caddrs[0]}"
+            scrape_metrics "$out/$name-2.metrics.txt" "${caddrs[1]}"
+            stop_cluster
+        done
+    done
+    return "$fails"
 }
 
 # Group commit: store writes of one message against batched writes, on each
@@ -236,25 +413,18 @@ for scn in ${only//,/ }; do
         group_commit_run || { echo "   (groupcommit reported a failure)"; failed=$((failed + 1)); }
         continue
     fi
+    if [[ $scn == cluster ]]; then
+        if [[ ,$targets, != *,chatserver,* ]]; then
+            echo "== cluster: skipped (it runs chatserver only, and --targets leaves it out)"
+            continue
+        fi
+        cluster_run || failed=$((failed + $?))
+        continue
+    fi
     for t in ${targets//,/ }; do
-        case $t in chatserver) kind=server; on=("${stores[@]}") ;; *) kind=$t; on=("") ;; esac
+        case $t in chatserver) on=("${stores[@]}") ;; *) on=("") ;; esac
         for st in "${on[@]}"; do
-            name=$scn-$t${st:+-$st}
-            echo "== $scn: $t${st:+ on $st}"
-            if ! start_target "$t" "$scn" "$name" "$st"; then
-                failed=$((failed + 1))
-                stop_target
-                continue
-            fi
-            args=("$scn" --addr "$addr" --server-pid "$pid" --kind "$kind" --label "$t"
-                  ${st:+--store "$st"} --json-out "$out/$name.json" "${quick[@]}" "${extra[@]}")
-            echo "cargo bench --bench loadgen -- ${args[*]}" >>"$commands"
-            if ! timeout 900 "$loadgen" "${args[@]}" >/dev/null; then
-                echo "   ($scn against $t${st:+ on $st} reported a failure; see above and $out)"
-                failed=$((failed + 1))
-            fi
-            [[ $t == chatserver ]] && scrape_metrics "$out/$name.metrics.txt"
-            stop_target
+            run_one "$t" "$scn" "$st" || failed=$((failed + 1))
         done
     done
 done

@@ -42,16 +42,6 @@ usage: $prog N      start N chatserver processes on one port (PORT, default 8000
 EOF
 }
 
-# True if the Redis on 127.0.0.1:$1 answers PING with +PONG.
-redis_pong() {
-    # shellcheck disable=SC2016  # $1 is expanded by the inner bash
-    timeout 2 bash -c '
-        exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
-        printf "PING\r\n" >&3
-        IFS= read -r -t 1 line <&3 && [[ $line == "+PONG"* ]]
-    ' _ "$1" </dev/null >/dev/null 2>&1
-}
-
 # True if $1 is a TCP port number.
 valid_port() {
     [[ $1 =~ ^[0-9]{1,5}$ ]] && ((10#$1 >= 1 && 10#$1 <= 65535))

@@ -54,6 +54,15 @@ joinstorm: --conns 5000 --rooms 50 --seed 20 (history messages per room; each so
         --storm-secs 60
 login:  --logins 8 --secs 10 --quiet-secs 3 --rtt-interval-ms 10 --workers N --cost 10
 rest:   --conns 50 --secs 10 --threads 2 --rooms 20 --no-wrk
+
+cluster (fanout and many over several instances of one chat, sharing a store and a
+Redis broker): --addr A,B (one address per instance; members and senders are split
+evenly, each room over every instance) --server-pid PA,PB (same order)
+        --redis HOST:PORT (the broker: its CPU and bytes per message, from INFO)
+        --single FILE (the same scenario's JSON result on one instance: the ratio of
+        deliveries/s, and a hop step at its sustained rate) --hop-rate R (that step's
+        rate without --single). The result is named cluster-fanout or cluster-many;
+        its latencies are split into same-instance and cross-instance deliveries.
 ";
 
 /// The arguments: `--key value` (or `--key=value`), bare flags, positionals.
@@ -141,9 +150,15 @@ pub enum Kind {
 
 /// What every scenario is given.
 pub struct Ctx {
+    /// The first (or only) instance: seeding, and every single-server
+    /// scenario.
     pub addr: SocketAddr,
-    /// The server process, for its RSS and CPU time.
+    /// Every instance of one chat (`--addr A,B`); `[addr]` for one.
+    pub addrs: Vec<SocketAddr>,
+    /// The server process, for its RSS and CPU time (the first instance's).
     pub pid: Option<u32>,
+    /// The process of each instance, in the order of `addrs` (may be empty).
+    pub pids: Vec<u32>,
     pub kind: Kind,
     /// The target's name in the results and the report.
     pub label: String,
@@ -158,23 +173,46 @@ impl Ctx {
     /// The target and flags of a scenario run; exits with a message when a
     /// flag is wrong. `argv` is kept, as the command line of the result.
     pub fn new(opts: Opts, argv: &[String]) -> Ctx {
-        let addr: SocketAddr = opts
+        let addrs: Vec<SocketAddr> = opts
             .text("addr", "127.0.0.1:8000")
-            .parse()
-            .unwrap_or_else(|_| die("--addr must be HOST:PORT with a numeric address"));
-        if !addr.ip().is_loopback() {
-            die("--addr must be a loopback address (127.0.0.0/8 or ::1)");
-        }
+            .split(',')
+            .map(|a| {
+                let addr: SocketAddr = a.trim().parse().unwrap_or_else(|_| {
+                    die("--addr must be HOST:PORT[,HOST:PORT..] with numeric addresses")
+                });
+                if !addr.ip().is_loopback() {
+                    die("--addr must be a loopback address (127.0.0.0/8 or ::1)");
+                }
+                addr
+            })
+            .collect();
+        let addr = addrs[0];
         let kind = match opts.text("kind", "server").as_str() {
             "server" | "chatserver" => Kind::Server,
             "baseline" => Kind::Baseline,
             "floor" => Kind::Floor,
             k => die(&format!("--kind: unknown kind {k}")),
         };
-        let pid = opts.vals.get("server-pid").map(|p| {
-            p.parse()
-                .unwrap_or_else(|_| die("--server-pid must be a number"))
-        });
+        let pids: Vec<u32> = opts
+            .vals
+            .get("server-pid")
+            .map(|p| {
+                p.split(',')
+                    .map(|p| {
+                        p.trim().parse().unwrap_or_else(|_| {
+                            die("--server-pid must be a number (or numbers, A,B)")
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if addrs.len() > 1 && !pids.is_empty() && pids.len() != addrs.len() {
+            die("--server-pid needs one process per --addr address");
+        }
+        if addrs.len() > 1 && kind != Kind::Server {
+            die("several --addr addresses (a cluster) need --kind server");
+        }
+        let pid = pids.first().copied();
         let label = opts.text(
             "label",
             match kind {
@@ -187,13 +225,20 @@ impl Ctx {
         let command = format!("loadgen {}", argv.join(" "));
         Ctx {
             addr,
+            addrs,
             pid,
+            pids,
             kind,
             label,
             tag,
             opts,
             command,
         }
+    }
+
+    /// Several instances of one chat (`--addr A,B`).
+    pub fn cluster(&self) -> bool {
+        self.addrs.len() > 1
     }
 
     /// History frames a member receives on joining a room holding `seeded`.

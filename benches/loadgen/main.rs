@@ -47,6 +47,7 @@ mod ws_client;
 
 mod chatter;
 mod cli;
+mod cluster;
 mod hist;
 mod http;
 mod ramp;
@@ -150,6 +151,14 @@ fn main() {
         return;
     }
     let ctx = Ctx::new(opts, &argv);
+    if ctx.cluster()
+        && !matches!(
+            scenario.as_str(),
+            "fanout" | "fan-out" | "many" | "many-rooms"
+        )
+    {
+        die("several --addr addresses (a cluster) are for the fanout and many scenarios");
+    }
     let started = Instant::now();
     let store = ctx
         .opts
@@ -188,6 +197,13 @@ fn main() {
         "join-storm" => "joinstorm",
         s => s,
     };
+    // Several instances of one chat are a scenario of their own in the
+    // results and the report.
+    let scenario = if ctx.cluster() {
+        format!("cluster-{scenario}")
+    } else {
+        scenario.to_string()
+    };
     let doc = json!({
         "scenario": scenario,
         "label": ctx.label,
@@ -200,6 +216,10 @@ fn main() {
         "details": out.details,
         "notes": out.notes,
     });
+    let mut doc = doc;
+    if ctx.cluster() {
+        doc["instances"] = json!(ctx.addrs.len());
+    }
     let text = serde_json::to_string(&doc).unwrap_or_default();
     println!("{text}");
     if let Some(path) = ctx.opts.vals.get("json-out") {

@@ -10,14 +10,21 @@
 //! `scenarios/fanout.rs` and `scenarios/many.rs` lay out their rooms and
 //! senders as worker groups and call `run_ramp`; everything after that is
 //! here.
+//!
+//! With several instances of one chat (`--addr A,B`), each step also takes
+//! the broker path's figures (`cluster.rs`), and after the ramp one more
+//! step, the *hop step*, runs at the single instance's sustained rate
+//! (`--single FILE`, or `--hop-rate`): what a cross-instance hop adds is
+//! read there. It does not count in the verdict.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
-use crate::cli::{Ctx, Opts};
+use crate::cli::{die, Ctx, Opts};
+use crate::cluster::{ClusterStep, Probe};
 use crate::hist::{ms, Hist};
 use crate::sys::cpu_secs;
 use crate::verdict;
@@ -111,6 +118,9 @@ struct StepSummary {
     server_cpu_pct: Option<f64>,
     loadgen_cpu_pct: f64,
     ok: bool,
+    /// Several instances: the broker path's figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<ClusterStep>,
 }
 
 impl StepSummary {
@@ -137,6 +147,31 @@ impl StepSummary {
             s.loadgen_cpu_pct,
             if s.ok { "" } else { "  [not sustained]" }
         );
+        if let Some(c) = &s.cluster {
+            let o = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or("?".into());
+            eprintln!(
+                "    same instance p50 {} ms p99 {} ms ({}), cross p50 {} ms p99 {} ms ({}); \
+                 servers CPU {}%, {} batches published, {} received, {} msg/batch, \
+                 pub {} µs/batch, sub {} µs/received; Redis {} B in, {} B out per msg, \
+                 {} µs/batch, CPU {}%",
+                c.same_p50_ms,
+                c.same_p99_ms,
+                c.same_n,
+                c.cross_p50_ms,
+                c.cross_p99_ms,
+                c.cross_n,
+                o(c.servers_cpu_pct),
+                o(c.published),
+                o(c.received),
+                o(c.msgs_per_batch),
+                o(c.pub_us_per_batch),
+                o(c.sub_us_per_received),
+                o(c.redis_in_per_msg),
+                o(c.redis_out_per_msg),
+                o(c.redis_us_per_batch),
+                o(c.redis_cpu_pct),
+            );
+        }
         if s.closed > 0 || s.order_violations > 0 || s.error_frames > 0 || s.sent < s.msgs {
             eprintln!(
                 "    {} connections closed by the server so far, {} out of order, {} error frames, {}/{} sent",
@@ -169,6 +204,10 @@ struct RampRun<'a> {
     /// Another step can start clean: no step broke, or the last broken one
     /// closed no connection and its deliveries all arrived in the end.
     usable: bool,
+    /// Several instances: what is read of them and Redis around each step.
+    probe: Option<Probe>,
+    /// The number of the next step.
+    next_step: u32,
 }
 
 impl RampRun<'_> {
@@ -226,7 +265,10 @@ impl RampRun<'_> {
     /// Run one step at `rate` messages per second in total; its summary.
     fn step(&mut self, rate: f64) -> Result<StepSummary, String> {
         let ramp = self.ramp;
-        let k = self.steps.len() as u32;
+        // Numbered over every step run, the warm-up and hop steps too (a
+        // worker counts deliveries by this number).
+        let k = self.next_step;
+        self.next_step += 1;
         let total_senders = self.total_senders;
         let msgs = ((rate * ramp.step_secs).round() as u64).max(1);
         let period_ns = (1e9 / rate) as u64;
@@ -234,6 +276,7 @@ impl RampRun<'_> {
         let start_ns = mono_ns() + 300_000_000;
         let deadline_ns = start_ns + ((ramp.step_secs + ramp.drain_secs) * 1e9) as u64;
         let pid = self.ctx.pid;
+        let snap0 = self.probe.as_ref().map(Probe::snapshot);
         let cpu0 = (pid.and_then(cpu_secs), self.pool.cpu_secs(), Instant::now());
         for (w, &exp) in self.last.iter().enumerate() {
             let plan = StepPlan {
@@ -252,6 +295,7 @@ impl RampRun<'_> {
         let wait = Duration::from_secs_f64(0.3 + ramp.step_secs + ramp.drain_secs + 20.0);
         let reps = self.pool.collect("step", wait)?;
         let cpu1 = (pid.and_then(cpu_secs), self.pool.cpu_secs(), Instant::now());
+        let snap1 = self.probe.as_ref().map(Probe::snapshot);
         self.pool.send_all(&WorkerCmd::Status)?;
         let status = merge_status(&self.pool.collect("status", Duration::from_secs(30))?);
 
@@ -291,6 +335,10 @@ impl RampRun<'_> {
             },
             loadgen_cpu_pct: ((cpu1.1 - cpu0.1) / wall * 100.0).round(),
             ok: false,
+            cluster: match (&snap0, &snap1) {
+                (Some(a), Some(b)) => Some(ClusterStep::new(a, b, &reps, sent)),
+                _ => None,
+            },
         };
         self.seen_violations = status.order_violations;
         self.seen_errors = status.error_frames;
@@ -369,13 +417,36 @@ pub fn run_ramp(
         seen_violations: 0,
         seen_errors: 0,
         usable: true,
+        probe: Probe::of(ctx),
+        next_step: 0,
+    };
+    let single = single_result(ctx);
+    // Several instances: the first writes of a room from each instance
+    // stalled the first step for hundreds of ms in trials (on both
+    // same-instance and cross-instance deliveries), which ended the ramp at
+    // its first rate. One step at the first rate warms them up; it is
+    // reported (`warmup_step`) but not part of the verdict.
+    let warmup = if ctx.cluster() && !ramp.once {
+        eprintln!("  warm-up step (not part of the verdict):");
+        let w = run.step(ramp.rate)?;
+        if w.broken() {
+            run.usable = w.closed == 0 && run.drain()?;
+        }
+        run.steps.pop();
+        Some(w)
+    } else {
+        None
     };
     if ramp.once {
         run.phase(1, |steps| steps.is_empty().then_some(ramp.rate))?;
         let steps = std::mem::take(&mut run.steps);
         drop(run); // ends the workers
         let step = steps.first().ok_or("the step did not run")?;
-        return Ok(outcome_once(step, &steps, ramp, joined.secs));
+        let mut out = outcome_once(step, &steps, ramp, joined.secs);
+        if ctx.cluster() {
+            cluster_figures(&mut out, Some(step), Some(step), single.as_ref());
+        }
+        return Ok(out);
     }
     // Ramp up through every step, unless one loses messages or members
     // (what it leaves queued would spoil the next) or is far past the limit.
@@ -393,9 +464,141 @@ pub fn run_ramp(
     // sustained rate and the lowest failed rate above it get up to three
     // trials each; two alike decide.
     run.phase(ramp.retrials, |steps| verdict::next_trial(&trials(steps)))?;
+    // Several instances: one more step at the single instance's sustained
+    // rate, outside the verdict.
+    let hop_rate = ctx.opts.vals.get("hop-rate").map(|r| {
+        r.parse::<f64>()
+            .unwrap_or_else(|_| die("--hop-rate must be a number"))
+    });
+    let hop_rate = hop_rate.or_else(|| single.as_ref()?["metrics"]["rate_msgs"].as_f64());
+    let mut hop = None;
+    if let (true, Some(rate), true) = (ctx.cluster(), hop_rate, run.usable) {
+        if rate > 0.0 {
+            eprintln!("  hop step at the single instance's sustained rate:");
+            hop = Some(run.step(rate)?);
+            run.steps.pop();
+        }
+    }
     let steps = std::mem::take(&mut run.steps);
     drop(run); // ends the workers
-    Ok(outcome(&steps, ramp, joined.secs))
+    let mut out = outcome(&steps, ramp, joined.secs);
+    if ctx.cluster() {
+        let best = sustained(&steps);
+        cluster_figures(&mut out, best.as_ref(), hop.as_ref(), single.as_ref());
+        if let Some(h) = &hop {
+            out.details["hop_step"] = serde_json::to_value(h).unwrap_or(Value::Null);
+        }
+        if let Some(w) = &warmup {
+            out.details["warmup_step"] = serde_json::to_value(w).unwrap_or(Value::Null);
+            out.set("warmup_p99_ms", w.p99_ms);
+        }
+    }
+    Ok(out)
+}
+
+/// The single instance's result of the same scenario (`--single FILE`).
+fn single_result(ctx: &Ctx) -> Option<Value> {
+    let path = ctx.opts.vals.get("single")?;
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| die(&format!("--single {path}: {e}")));
+    Some(
+        serde_json::from_str(text.trim())
+            .unwrap_or_else(|e| die(&format!("--single {path}: not a JSON result: {e}"))),
+    )
+}
+
+/// A cluster run's own figures: its deliveries/s against the single
+/// instance's (`single`), what a hop adds at the single instance's rate
+/// (the `hop` step; the sustained one when there is none), and the broker
+/// path's cost in that step.
+fn cluster_figures(
+    out: &mut Outcome,
+    best: Option<&StepSummary>,
+    hop: Option<&StepSummary>,
+    single: Option<&Value>,
+) {
+    let single_dps = single.and_then(|s| s["metrics"]["deliveries_per_s"].as_f64());
+    if let Some(sd) = single_dps {
+        out.set("single_deliveries_per_s", sd);
+        if let Some(r) = single.and_then(|s| s["metrics"]["rate_msgs"].as_f64()) {
+            out.set("single_rate_msgs", r);
+        }
+        if sd > 0.0 {
+            let dps = out.metrics.get("deliveries_per_s").copied().unwrap_or(0.0);
+            out.set("of_single", (dps / sd * 1000.0).round() / 1000.0);
+        }
+    }
+    if let Some(c) = best.and_then(|b| b.cluster.as_ref()) {
+        out.set("sustained_hop_p50_added_ms", c.hop_p50_added_ms);
+        out.set("sustained_hop_p99_added_ms", c.hop_p99_added_ms);
+    }
+    let Some(h) = hop.or(best) else {
+        out.notes
+            .push("no step to read the cross-instance hop from".into());
+        return;
+    };
+    out.set("hop_rate_msgs", h.rate_msgs);
+    out.set("hop_deliveries_per_s", h.deliveries_per_s);
+    out.set(
+        "hop_delivered_fraction",
+        h.received as f64 / h.expected.max(1) as f64,
+    );
+    out.set("hop_p99_ms", h.p99_ms);
+    if hop.is_none() {
+        out.notes.push(
+            "no --single result or --hop-rate: the hop figures are the sustained step's".into(),
+        );
+    }
+    if h.broken() {
+        out.notes.push(format!(
+            "the hop step at {} msg/s lost deliveries: {}/{} delivered, {} closed",
+            h.rate_msgs, h.received, h.expected, h.closed
+        ));
+    }
+    let Some(c) = &h.cluster else {
+        return;
+    };
+    let o = |out: &mut Outcome, k: &str, v: Option<f64>| {
+        if let Some(v) = v {
+            out.set(k, v);
+        }
+    };
+    out.set("hop_same_p50_ms", c.same_p50_ms);
+    out.set("hop_same_p99_ms", c.same_p99_ms);
+    out.set("hop_cross_p50_ms", c.cross_p50_ms);
+    out.set("hop_cross_p99_ms", c.cross_p99_ms);
+    out.set("hop_p50_added_ms", c.hop_p50_added_ms);
+    out.set("hop_p99_added_ms", c.hop_p99_added_ms);
+    o(out, "servers_cpu_pct", c.servers_cpu_pct);
+    o(out, "batches_published", c.published);
+    o(out, "batches_received", c.received);
+    o(out, "msgs_per_batch", c.msgs_per_batch);
+    o(out, "pub_us_per_batch", c.pub_us_per_batch);
+    o(out, "sub_us_per_received", c.sub_us_per_received);
+    o(out, "sub_us_per_arrival", c.sub_us_per_arrival);
+    o(out, "redis_in_per_msg", c.redis_in_per_msg);
+    o(out, "redis_out_per_msg", c.redis_out_per_msg);
+    o(out, "redis_us_per_batch", c.redis_us_per_batch);
+    o(out, "redis_cpu_pct", c.redis_cpu_pct);
+    // The whole processes: both instances' CPU against the single
+    // instance's at the same rate, per batch through the broker.
+    let single_cpu = single.and_then(|s| {
+        s["details"]["steps"]
+            .as_array()?
+            .iter()
+            .filter(|st| st["rate_msgs"].as_f64() == Some(h.rate_msgs))
+            .filter_map(|st| st["server_cpu_pct"].as_f64())
+            .reduce(f64::min)
+    });
+    if let (Some(sc), Some(cc), Some(p), Some(r)) =
+        (single_cpu, c.servers_cpu_pct, c.published, c.received)
+    {
+        out.set("single_cpu_pct", sc);
+        if p + r > 0.0 {
+            let extra_us = (cc - sc) / 100.0 * c.wall_s * 1e6 / (p + r);
+            out.set("extra_cpu_us_per_batch", (extra_us * 10.0).round() / 10.0);
+        }
+    }
 }
 
 /// The next rate of the refining phase: the geometric middle of the highest

@@ -4,6 +4,11 @@
 //! `--store`), side by side, with the ratio of each store to SQLite from the
 //! same run; the yardsticks have no store and repeat on each row.
 //!
+//! Several instances of one chat (`cluster-fanout`, `cluster-many`) get
+//! tables of their own after the main one (`cluster_tables`): deliveries/s
+//! against the single instance's, what a cross-instance hop adds, and the
+//! broker path's cost.
+//!
 //! Called by `main` for `loadgen report DIR`, which scripts/bench.sh runs
 //! on its directory of JSON results once every scenario has run.
 
@@ -470,6 +475,7 @@ pub fn report(dir: &str) -> Result<String, String> {
             ));
         }
     }
+    md.push_str(&cluster_tables(&docs));
     let mut notes = String::new();
     for d in &docs {
         if let Some(ns) = d["notes"].as_array() {
@@ -493,6 +499,145 @@ pub fn report(dir: &str) -> Result<String, String> {
     }
     md.push_str("```\n");
     Ok(md)
+}
+
+/// The tables of the cluster runs (several instances, one Redis): one row
+/// per run in each, the step tables after them; empty without such runs.
+fn cluster_tables(docs: &[Value]) -> String {
+    let runs: Vec<&Value> = docs
+        .iter()
+        .filter(|d| {
+            d["scenario"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("cluster-"))
+        })
+        .collect();
+    if runs.is_empty() {
+        return String::new();
+    }
+    let m = |d: &Value, k: &str| d["metrics"][k].as_f64();
+    let c = |v: Option<f64>| v.map(fmt_num).unwrap_or_else(|| "–".into());
+    let name = |d: &Value| {
+        format!(
+            "{} | {} | {}",
+            d["scenario"].as_str().unwrap_or("?"),
+            d["store"].as_str().unwrap_or("–"),
+            d["instances"].as_u64().unwrap_or(0)
+        )
+    };
+    let mut md = String::from(
+        "\nSeveral instances of one chat, one Redis (members and senders split evenly; \
+         the single instance's figure is the same scenario's on one instance, same run):\n\n\
+         | scenario | store | instances | deliveries/s, one instance | deliveries/s, split | ÷ one | target | \
+         hop step msg/s | same-instance p50 / p99 ms | cross-instance p50 / p99 ms | hop adds p50 ms | \
+         hop adds p99 ms | target |\n\
+         |---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|\n",
+    );
+    for d in &runs {
+        let ratio = m(d, "of_single");
+        let hop99 = m(d, "hop_p99_added_ms");
+        let pair = |a: &str, b: &str| match (m(d, a), m(d, b)) {
+            (Some(x), Some(y)) => format!("{} / {}", fmt_num(x), fmt_num(y)),
+            _ => "–".into(),
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | ≥ 0.7 {} | {} | {} | {} | {} | {} | ≤ 5 {} |\n",
+            name(d),
+            c(m(d, "single_deliveries_per_s")),
+            c(m(d, "deliveries_per_s")),
+            ratio.map(fmt_ratio).unwrap_or_else(|| "–".into()),
+            ratio.map(|r| mark(r >= 0.7)).unwrap_or_default(),
+            c(m(d, "hop_rate_msgs")),
+            pair("hop_same_p50_ms", "hop_same_p99_ms"),
+            pair("hop_cross_p50_ms", "hop_cross_p99_ms"),
+            c(m(d, "hop_p50_added_ms")),
+            c(hop99),
+            hop99.map(|h| mark(h <= 5.0)).unwrap_or_default(),
+        ));
+    }
+    md.push_str(
+        "\nThe broker path's cost in the hop step: CPU of each instance's broker threads \
+         (`broker-pub`, `broker-sub`; `/proc/PID/task/*/schedstat`) per batch on \
+         `/metrics` (`chatconnect_broker_published_total`, `_received_total`; a batch read \
+         counts the publisher's own echo too), both processes' CPU above the single \
+         instance's at the same rate per batch published or received, and Redis's CPU and \
+         bytes (`INFO`) per batch and per message sent:\n\n\
+         | scenario | store | instances | msg per batch | publisher µs / batch | subscriber µs / received | \
+         subscriber µs / batch read | processes: extra µs / batch | Redis µs / batch published | \
+         Redis CPU % | Redis bytes in / msg | Redis bytes out / msg |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for d in &runs {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            name(d),
+            c(m(d, "msgs_per_batch")),
+            c(m(d, "pub_us_per_batch")),
+            c(m(d, "sub_us_per_received")),
+            c(m(d, "sub_us_per_arrival")),
+            c(m(d, "extra_cpu_us_per_batch")),
+            c(m(d, "redis_us_per_batch")),
+            c(m(d, "redis_cpu_pct")),
+            c(m(d, "redis_in_per_msg")),
+            c(m(d, "redis_out_per_msg")),
+        ));
+    }
+    for d in &runs {
+        let mut steps: Vec<&Value> = d["details"]["steps"]
+            .as_array()
+            .map(|a| a.iter().collect())
+            .unwrap_or_default();
+        let warmup = &d["details"]["warmup_step"];
+        if warmup.is_object() {
+            steps.insert(0, warmup);
+        }
+        let hop = &d["details"]["hop_step"];
+        if hop.is_object() {
+            steps.push(hop);
+        }
+        if steps.is_empty() {
+            continue;
+        }
+        md.push_str(&format!(
+            "\n{} steps ({}, {} instances; warm-up: the first, outside the verdict; hop: the last, \
+             at the single instance's rate):\n\n\
+             | msg/s | deliveries/s | received / expected | p99 ms | same p99 ms | cross p99 ms | \
+             servers CPU % | Redis CPU % | msg per batch | publisher µs / batch | subscriber µs / received | sustained |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+            d["scenario"].as_str().unwrap_or("?"),
+            d["store"].as_str().unwrap_or("–"),
+            d["instances"].as_u64().unwrap_or(0),
+        ));
+        for s in steps {
+            let k = &s["cluster"];
+            let f = |v: &Value| v.as_f64().map(fmt_num).unwrap_or_else(|| "–".into());
+            let verdict = if std::ptr::eq(s, hop) {
+                "hop"
+            } else if std::ptr::eq(s, warmup) {
+                "warm-up"
+            } else if s["ok"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            };
+            md.push_str(&format!(
+                "| {} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {verdict} |\n",
+                f(&s["rate_msgs"]),
+                f(&s["deliveries_per_s"]),
+                s["received"],
+                s["expected"],
+                f(&s["p99_ms"]),
+                f(&k["same_p99_ms"]),
+                f(&k["cross_p99_ms"]),
+                f(&k["servers_cpu_pct"]),
+                f(&k["redis_cpu_pct"]),
+                f(&k["msgs_per_batch"]),
+                f(&k["pub_us_per_batch"]),
+                f(&k["sub_us_per_received"]),
+            ));
+        }
+    }
+    md
 }
 
 /// A count: a whole number, never "0.00".

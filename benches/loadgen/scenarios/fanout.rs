@@ -28,25 +28,42 @@ pub fn run(ctx: &Ctx) -> Result<Outcome, String> {
     // timer fires late whenever that process is busy reading its share of
     // a pass (p99 15 to 23 ms behind schedule at 5,000 members, against 4 to
     // 5 ms alone), and latency counts from the scheduled send time. The
-    // senders are members too: they receive every message.
-    let group = |first: u64, count: u64, senders: Vec<(u32, u64)>| Group {
+    // senders are members too: they receive every message. With several
+    // instances (`--addr A,B`), the senders and each process's members are
+    // split evenly over them, in contiguous runs.
+    let insts = ctx.addrs.len();
+    let group = |first: u64, count: u64, senders: Vec<(u32, u64)>, inst: usize| Group {
         room: room.clone(),
         prefix: "f".into(),
         first,
         count: count as u32,
         history,
         senders,
+        inst: inst as u8,
     };
-    let mut groups = vec![vec![group(
-        0,
-        senders,
-        (0..senders).map(|s| (s as u32, s)).collect(),
-    )]];
+    // Members first..first + count over the instances, senders among them
+    // (global sender index = member index) when `send`.
+    let split = |first: u64, count: u64, send: bool| -> Vec<Group> {
+        ranges(count, insts)
+            .into_iter()
+            .enumerate()
+            .filter(|(_, (lo, hi))| hi > lo)
+            .map(|(i, (lo, hi))| {
+                let senders = if send {
+                    (lo..hi).map(|s| ((s - lo) as u32, first + s)).collect()
+                } else {
+                    Vec::new()
+                };
+                group(first + lo, hi - lo, senders, i)
+            })
+            .collect()
+    };
+    let mut groups = vec![split(0, senders, true)];
     groups.extend(
         ranges(members - senders, procs)
             .into_iter()
             .filter(|(lo, hi)| hi > lo)
-            .map(|(lo, hi)| vec![group(senders + lo, hi - lo, Vec::new())]),
+            .map(|(lo, hi)| split(senders + lo, hi - lo, false)),
     );
     let mut out = run_ramp(ctx, groups, senders, &ramp)?;
     out.set("members", members as f64);

@@ -11,7 +11,7 @@
 use crate::cli::Ctx;
 use crate::ramp::{run_ramp, Ramp};
 use crate::seed::seed_rooms;
-use crate::workers::Group;
+use crate::workers::{ranges, Group};
 use crate::Outcome;
 
 pub fn run(ctx: &Ctx) -> Result<Outcome, String> {
@@ -27,19 +27,31 @@ pub fn run(ctx: &Ctx) -> Result<Outcome, String> {
         .collect();
     seed_rooms(ctx.addr, &names, seed)?;
     let history = ctx.history(seed);
+    // With several instances (`--addr A,B`) each room's members, and its
+    // senders among them, are split evenly over the instances in contiguous
+    // runs: every room spans every instance.
+    let insts = ctx.addrs.len();
     let mut groups: Vec<Vec<Group>> = vec![Vec::new(); procs];
     for (r, name) in names.iter().enumerate() {
         let r = r as u64;
-        groups[(r % procs as u64) as usize].push(Group {
-            room: name.clone(),
-            prefix: "m".into(),
-            first: r * size,
-            count: size as u32,
-            history,
-            // Sender order interleaves rooms, so consecutive messages go to
-            // different rooms.
-            senders: (0..per_room).map(|k| (k as u32, k * rooms + r)).collect(),
-        });
+        for (i, (lo, hi)) in ranges(size, insts).into_iter().enumerate() {
+            if hi <= lo {
+                continue;
+            }
+            groups[(r % procs as u64) as usize].push(Group {
+                room: name.clone(),
+                prefix: "m".into(),
+                first: r * size + lo,
+                count: (hi - lo) as u32,
+                history,
+                // Sender order interleaves rooms, so consecutive messages go
+                // to different rooms.
+                senders: (lo..hi.min(per_room))
+                    .map(|k| ((k - lo) as u32, k * rooms + r))
+                    .collect(),
+                inst: i as u8,
+            });
+        }
     }
     let mut out = run_ramp(ctx, groups, rooms * per_room, &ramp)?;
     out.set("rooms", rooms as f64);

@@ -24,6 +24,12 @@ use serde_json::Value;
 #[derive(Serialize, Deserialize, Clone)]
 pub struct Spec {
     pub addr: SocketAddr,
+    /// Every instance of one chat, when there are several: a group's
+    /// members connect to `addrs[Group::inst]`, senders name their instance
+    /// in what they send, and deliveries are timed separately for senders on
+    /// the receiver's instance and on another one. Empty: `addr` alone.
+    #[serde(default)]
+    pub addrs: Vec<SocketAddr>,
     pub has_seq: bool,
     /// Handshakes in flight at once.
     pub concurrency: usize,
@@ -63,6 +69,13 @@ pub struct Group {
     pub history: u32,
     /// Members that send: (index in the group, global sender index).
     pub senders: Vec<(u32, u64)>,
+    /// The instance (index in `Spec::addrs`) its members connect to.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub inst: u8,
+}
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
 }
 
 /// One step of a ramp: message `m` (0..total_msgs) is sent by global sender
@@ -114,6 +127,19 @@ pub struct StepReport {
     /// Deliveries within the step's `within_us`.
     #[serde(default)]
     pub on_time: u64,
+    /// With several instances: the latencies of deliveries whose sender is
+    /// on the receiver's instance, and on another one (sparse, and max).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<SplitHists>,
+}
+
+/// A step's deliveries split by where the sender was.
+#[derive(Serialize, Deserialize, Clone, Default)]
+pub struct SplitHists {
+    pub same: Vec<(u32, u64)>,
+    pub same_max_us: u64,
+    pub cross: Vec<(u32, u64)>,
+    pub cross_max_us: u64,
 }
 
 /// A worker's connections so far: open, closed (by close code), and what
@@ -256,6 +282,7 @@ pub fn spread(
                 count,
                 history,
                 senders: Vec::new(),
+                inst: 0,
             });
             named += count as u64;
         }

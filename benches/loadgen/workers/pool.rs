@@ -53,6 +53,11 @@ impl Pool {
         for (w, g) in groups.iter().enumerate() {
             let spec = Spec {
                 addr: ctx.addr,
+                addrs: if ctx.cluster() {
+                    ctx.addrs.clone()
+                } else {
+                    Vec::new()
+                },
                 has_seq: ctx.kind != Kind::Floor,
                 concurrency: concurrency.div_ceil(groups.len()),
                 connect_timeout_s: 60.0,
@@ -100,6 +105,7 @@ impl Pool {
         for (w, g) in groups.iter().enumerate() {
             let spec = Spec {
                 addr: ctx.addr,
+                addrs: Vec::new(),
                 has_seq: ctx.kind != Kind::Floor,
                 concurrency,
                 connect_timeout_s,

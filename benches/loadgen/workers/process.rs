@@ -8,7 +8,10 @@
 //! here like any other. A load
 //! message's content is `L{step} {sender} {m} {send time ns} {padding}`, so
 //! the member that receives it can count it against its step and take its
-//! latency from the scheduled send time.
+//! latency from the scheduled send time. With several instances of one chat
+//! (`Spec::addrs`) the sender's instance comes before the padding
+//! (`i{instance}`), and the latency goes into the step's same-instance or
+//! cross-instance histogram too.
 
 use std::cell::RefCell;
 use std::io::Write;
@@ -19,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::{watch, Semaphore};
 
-use super::{Spec, StatusReport, StepPlan, StepReport, WorkerCmd, WorkerMsg};
+use super::{Spec, SplitHists, StatusReport, StepPlan, StepReport, WorkerCmd, WorkerMsg};
 use crate::cli::die;
 use crate::hist::Hist;
 use crate::sys::runtime;
@@ -35,6 +38,9 @@ struct StepStats {
     on_time: u64,
     last_ns: u64,
     hist: Hist,
+    /// With several instances: sender on the receiver's instance, or not.
+    same: Option<Hist>,
+    cross: Option<Hist>,
 }
 
 /// Counts of the whole worker, shared by its connection tasks.
@@ -45,6 +51,8 @@ pub(super) struct WState {
     pub(super) status: StatusReport,
     /// The current step's `within_us`.
     within_us: u64,
+    /// Several instances: deliveries are split by the sender's instance.
+    split: bool,
 }
 
 impl WState {
@@ -59,6 +67,8 @@ impl WState {
 /// What every connection task of the worker shares.
 pub(super) struct WCtx {
     pub(super) addr: SocketAddr,
+    /// Every instance (`Spec::addrs`); empty for one.
+    addrs: Vec<SocketAddr>,
     pub(super) has_seq: bool,
     idle: bool,
     pad: String,
@@ -102,13 +112,20 @@ async fn worker_run(spec: Spec) {
     let (plan_tx, _) = watch::channel(None);
     let base_inst = tokio::time::Instant::now();
     let base_ns = mono_ns();
+    // With several instances, " i{inst}" takes 3 bytes of the padding.
+    let split = spec.addrs.len() > 1;
+    let pad_len = spec.size.saturating_sub(if split { 43 } else { 40 });
     let w = Rc::new(WCtx {
         addr: spec.addr,
+        addrs: spec.addrs.clone(),
         has_seq: spec.has_seq,
         idle: spec.idle,
-        pad: "x".repeat(spec.size.saturating_sub(40).max(1)),
+        pad: "x".repeat(pad_len.max(1)),
         connect_timeout: Duration::from_secs_f64(spec.connect_timeout_s),
-        state: RefCell::new(WState::default()),
+        state: RefCell::new(WState {
+            split,
+            ..WState::default()
+        }),
         sem: Semaphore::new(spec.concurrency.max(1)),
         plan: plan_tx,
         ready: ready_tx,
@@ -164,7 +181,7 @@ async fn join_all(
             let user = format!("{}{}", g.prefix, g.first + i as u64);
             let path = ws_path(&g.room, &user);
             let sender = g.senders.iter().find(|(k, _)| *k == i).map(|(_, s)| *s);
-            tokio::task::spawn_local(conn_task(w.clone(), path, g.history, sender));
+            tokio::task::spawn_local(conn_task(w.clone(), path, g.history, sender, g.inst));
             total += 1;
         }
     }
@@ -209,6 +226,18 @@ async fn wait_step(w: &WCtx, step: u32, expected: u64, deadline_ns: u64) -> Step
     let mut st = w.state.borrow_mut();
     let sent = st.sent.get(k).copied().unwrap_or(0);
     let s = st.step(k);
+    let split = match (&s.same, &s.cross) {
+        (None, None) => None,
+        (a, b) => {
+            let (a, b) = (a.clone().unwrap_or_default(), b.clone().unwrap_or_default());
+            Some(SplitHists {
+                same: a.sparse(),
+                same_max_us: a.max,
+                cross: b.sparse(),
+                cross_max_us: b.max,
+            })
+        }
+    };
     StepReport {
         step,
         sent,
@@ -217,12 +246,14 @@ async fn wait_step(w: &WCtx, step: u32, expected: u64, deadline_ns: u64) -> Step
         max_us: s.hist.max,
         hist: s.hist.sparse(),
         on_time: s.on_time,
+        split,
     }
 }
 
 /// Connect, upgrade and read the history: the connection has joined.
-async fn join(w: &WCtx, path: &str, history: u32) -> Result<(WsConn, i64), String> {
-    let mut c = ws_client::connect(w.addr, path)
+async fn join(w: &WCtx, path: &str, history: u32, inst: u8) -> Result<(WsConn, i64), String> {
+    let addr = w.addrs.get(inst as usize).copied().unwrap_or(w.addr);
+    let mut c = ws_client::connect(addr, path)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let mut got = 0;
@@ -255,8 +286,8 @@ async fn join(w: &WCtx, path: &str, history: u32) -> Result<(WsConn, i64), Strin
     }
 }
 
-/// Account for one text frame.
-fn on_text(st: &mut WState, has_seq: bool, p: &[u8], now: u64, last_seq: &mut i64) {
+/// Account for one text frame received by a member on instance `inst`.
+fn on_text(st: &mut WState, has_seq: bool, p: &[u8], now: u64, last_seq: &mut i64, inst: u8) {
     st.status.live_frames += 1;
     if has_seq {
         if let Some(seq) = field_seq(p) {
@@ -268,12 +299,12 @@ fn on_text(st: &mut WState, has_seq: bool, p: &[u8], now: u64, last_seq: &mut i6
     }
     match field_str(p, CONTENT) {
         Some(c) if c.first() == Some(&b'L') => {
-            // L{step} {sender} {m} {send time ns} {padding}
+            // L{step} {sender} {m} {send time ns} [i{instance}] {padding}
             let mut it = c[1..].split(|b| *b == b' ');
             let step = it.next().and_then(parse_u64);
             let t = it.nth(2).and_then(parse_u64);
             if let (Some(step), Some(t)) = (step, t) {
-                let within = st.within_us;
+                let (within, split) = (st.within_us, st.split);
                 let s = st.step(step as usize);
                 let us = now.saturating_sub(t) / 1000;
                 s.received += 1;
@@ -282,6 +313,18 @@ fn on_text(st: &mut WState, has_seq: bool, p: &[u8], now: u64, last_seq: &mut i6
                 }
                 s.last_ns = s.last_ns.max(now);
                 s.hist.record(us);
+                if split {
+                    let from = it
+                        .next()
+                        .and_then(|f| f.strip_prefix(b"i"))
+                        .and_then(parse_u64);
+                    let h = if from == Some(inst as u64) {
+                        &mut s.same
+                    } else {
+                        &mut s.cross
+                    };
+                    h.get_or_insert_with(Hist::default).record(us);
+                }
             }
         }
         Some(_) => {}
@@ -307,9 +350,9 @@ fn parse_u64(b: &[u8]) -> Option<u64> {
     Some(v)
 }
 
-async fn conn_task(w: Rc<WCtx>, path: String, history: u32, sender: Option<u64>) {
+async fn conn_task(w: Rc<WCtx>, path: String, history: u32, sender: Option<u64>, inst: u8) {
     let permit = w.sem.acquire().await.ok();
-    let joined = tokio::time::timeout(w.connect_timeout, join(&w, &path, history)).await;
+    let joined = tokio::time::timeout(w.connect_timeout, join(&w, &path, history, inst)).await;
     drop(permit);
     let (c, last_seq) = match joined {
         Ok(Ok(x)) => x,
@@ -325,12 +368,18 @@ async fn conn_task(w: Rc<WCtx>, path: String, history: u32, sender: Option<u64>)
         }
     };
     let _ = w.ready.send(Ok(()));
-    serve(w, c, last_seq, sender).await;
+    serve(w, c, last_seq, sender, inst).await;
 }
 
-/// A joined connection until it closes: read and count every frame, answer
-/// pings, and send this sender's share of each step.
-pub(super) async fn serve(w: Rc<WCtx>, mut c: WsConn, mut last_seq: i64, sender: Option<u64>) {
+/// A joined connection (to instance `inst`) until it closes: read and count
+/// every frame, answer pings, and send this sender's share of each step.
+pub(super) async fn serve(
+    w: Rc<WCtx>,
+    mut c: WsConn,
+    mut last_seq: i64,
+    sender: Option<u64>,
+    inst: u8,
+) {
     w.state.borrow_mut().status.alive += 1;
     if w.idle {
         c.release();
@@ -349,7 +398,7 @@ pub(super) async fn serve(w: Rc<WCtx>, mut c: WsConn, mut last_seq: i64, sender:
             loop {
                 match c.next_frame() {
                     Ok(Some(f)) => match f.opcode {
-                        OP_TEXT => on_text(&mut st, w.has_seq, f.payload, now, &mut last_seq),
+                        OP_TEXT => on_text(&mut st, w.has_seq, f.payload, now, &mut last_seq, inst),
                         OP_PING => pongs.push(f.payload.to_vec()),
                         OP_CLOSE => break 'conn,
                         _ => {}
@@ -379,14 +428,25 @@ pub(super) async fn serve(w: Rc<WCtx>, mut c: WsConn, mut last_seq: i64, sender:
                     if t > now {
                         break;
                     }
-                    let text = format!(
-                        "{{\"content\":\"L{} {} {} {} {}\"}}",
-                        p.step,
-                        sender.unwrap_or(0),
-                        m,
-                        t,
-                        w.pad
-                    );
+                    let text = if w.addrs.len() > 1 {
+                        format!(
+                            "{{\"content\":\"L{} {} {} {} i{inst} {}\"}}",
+                            p.step,
+                            sender.unwrap_or(0),
+                            m,
+                            t,
+                            w.pad
+                        )
+                    } else {
+                        format!(
+                            "{{\"content\":\"L{} {} {} {} {}\"}}",
+                            p.step,
+                            sender.unwrap_or(0),
+                            m,
+                            t,
+                            w.pad
+                        )
+                    };
                     if c.send_text(&text).await.is_err() {
                         w.state.borrow_mut().status.send_errors += 1;
                         break 'conn;

@@ -192,7 +192,7 @@ async fn storm_conn(
                 retries,
                 upgrade_ns,
             });
-            serve(w, c, last_seq, None).await;
+            serve(w, c, last_seq, None, 0).await;
         }
         Err(outcome) => {
             let _ = tx.send(Done {
