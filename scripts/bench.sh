@@ -47,6 +47,9 @@
 # CHATSERVER_BIN=PATH runs that chatserver binary instead of this tree's
 # release build (the yardsticks and loadgen still come from this tree): a
 # before/after comparison builds the other commit elsewhere and points here.
+# For perf, CHATSERVER_BIN=target/profiling/chatserver after
+# `cargo build --profile profiling --bin chatserver`: the release binary has
+# no debug info.
 # The full run takes about 10 minutes per store after the build on 2 cores
 # (longer on FerretDB, whose joins are slower).
 set -euo pipefail
