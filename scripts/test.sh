@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command: checks formatting and lints, then runs every
 # test (unit, store conformance, end-to-end against the real binary).
-# It provides what the tests need: FerretDB (built once, see ferretdb.sh) and
-# Debian's redis-server (installed with apt-get when it is missing).
+# It provides what the tests need: FerretDB (built once, see ferretdb.sh),
+# Debian's redis-server and chromium (installed with apt-get when missing).
 # Usage: scripts/test.sh            (from anywhere in the repository)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,6 @@ else
     # Built once from the Go module proxy and cached; needs the Go toolchain.
     scripts/ferretdb.sh build >/dev/null
 fi
-echo "== redis-server (the broker tests start their own instances of it)"
 # Runs a command as root: directly when we are root, else through sudo.
 as_root() {
     if [[ $(id -u) -eq 0 ]]; then
@@ -32,24 +31,36 @@ as_root() {
     elif command -v sudo >/dev/null 2>&1; then
         sudo "$@"
     else
-        echo "redis-server is not installed, and installing it needs root or sudo: run 'apt-get install redis-server' as root" >&2
+        echo "installing what the tests need takes root or sudo: run '$*' as root" >&2
         exit 1
     fi
 }
-if ! command -v redis-server >/dev/null 2>&1; then
+# apt_install PROGRAM PACKAGE WHY: install Debian's PACKAGE when PROGRAM is
+# not on PATH (the tests start their own instances; a system service the
+# package may start is neither used nor touched).
+apt_updated=""
+apt_install() {
+    local program=$1 package=$2 why=$3
+    command -v "$program" >/dev/null 2>&1 && return 0
     if ! command -v apt-get >/dev/null 2>&1; then
-        echo "redis-server is not installed and there is no apt-get to install it: install Redis (redis-server on PATH) first" >&2
+        echo "$program is not installed and there is no apt-get to install it: install $package first ($why)" >&2
         exit 1
     fi
-    # Debian's package. The tests start and stop servers of their own, so
-    # the system service the package may start is neither used nor touched.
-    as_root apt-get update
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server
-    if ! command -v redis-server >/dev/null 2>&1; then
-        echo "redis-server is still not on PATH after 'apt-get install -y redis-server'; the broker tests need it" >&2
+    if [[ -z $apt_updated ]]; then
+        as_root apt-get update
+        apt_updated=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y "$package"
+    if ! command -v "$program" >/dev/null 2>&1; then
+        echo "$program is still not on PATH after 'apt-get install -y $package'; $why" >&2
         exit 1
     fi
-fi
+}
+echo "== redis-server (the broker tests start their own instances of it)"
+apt_install redis-server redis-server "the broker tests need it"
 echo "$(command -v redis-server): $(redis-server --version)"
+echo "== chromium (the web client's tests drive it headless over DevTools)"
+apt_install chromium chromium "the browser tests (tests/browser.rs) need it"
+echo "$(command -v chromium): $(chromium --version 2>/dev/null)"
 echo "== cargo test"
 cargo test --locked -- --include-ignored

@@ -19,6 +19,7 @@ use crate::http::{percent_decode, query_decodes, Request, Response};
 use crate::reactor::Outcome;
 use crate::rooms::ConnRef;
 use crate::store::{DeleteOutcome, Room, Store, StoreError, StoreResult};
+use crate::web::Web;
 use crate::workers::Job;
 use crate::ws::{self, WireMessage};
 
@@ -118,11 +119,14 @@ fn claimed_name_problem(name: &str) -> Option<&'static str> {
 pub(crate) struct Api {
     cfg: Arc<Config>,
     tokens: Tokens,
+    /// The web client's files (`WEB_UI`).
+    web: Option<Web>,
 }
 
 impl Api {
     pub(crate) fn new(cfg: Arc<Config>, tokens: Tokens) -> Api {
-        Api { cfg, tokens }
+        let web = cfg.web_ui.then(|| Web::new(cfg.auth_mode));
+        Api { cfg, tokens, web }
     }
 
     /// Decide what to do with a request of connection `conn`. `metrics`
@@ -221,6 +225,12 @@ impl Api {
                 {
                     allowed("GET, OPTIONS")?;
                     return self.room_messages(conn, req, name);
+                }
+                if let Some(web) = self.web.as_ref().filter(|w| w.serves(path)) {
+                    allowed("GET, OPTIONS")?;
+                    if let Some(resp) = web.answer(req, path) {
+                        return Ok(Action::Reply(resp));
+                    }
                 }
                 Err(Response::error(404, "Not found"))
             }

@@ -46,6 +46,12 @@ pub struct Config {
           value_parser = parse_bool)]
     pub reuse_port: bool,
 
+    /// Serve the web client at `/` (`true` or `false`)
+    #[arg(long, env = "WEB_UI", default_value_t = true,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_parser = parse_bool)]
+    pub web_ui: bool,
+
     /// MongoDB connection string; unset means the embedded SQLite store
     #[arg(long, env = "MONGO_URI", hide_env_values = true)]
     pub mongo_uri: Option<String>,
@@ -176,6 +182,7 @@ pub const VARIABLES: &[&str] = &[
     "PORT",
     "HOST",
     "REUSE_PORT",
+    "WEB_UI",
     "MONGO_URI",
     "MONGO_DB",
     "MONGO_TIMEOUT",

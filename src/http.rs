@@ -40,6 +40,8 @@ pub struct Request {
     pub wants_websocket: bool,
     pub ws_key: Option<String>,
     pub ws_version: Option<String>,
+    /// `If-None-Match` (unread and left out when it is not UTF-8).
+    pub if_none_match: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -92,11 +94,12 @@ enum Field {
     WsKey,
     WsVersion,
     Expect,
+    IfNoneMatch,
 }
 
 impl Field {
     fn of(name: &str) -> Option<Field> {
-        const NAMES: [(&str, Field); 9] = [
+        const NAMES: [(&str, Field); 10] = [
             ("content-length", Field::ContentLength),
             ("transfer-encoding", Field::TransferEncoding),
             ("connection", Field::Connection),
@@ -106,6 +109,7 @@ impl Field {
             ("sec-websocket-key", Field::WsKey),
             ("sec-websocket-version", Field::WsVersion),
             ("expect", Field::Expect),
+            ("if-none-match", Field::IfNoneMatch),
         ];
         NAMES
             .iter()
@@ -169,6 +173,13 @@ pub fn parse(buf: &[u8], limits: Limits) -> Parsed {
         let Some(field) = Field::of(h.name) else {
             continue;
         };
+        // Only a cache check: a value it cannot read matches nothing.
+        if let Field::IfNoneMatch = field {
+            out.if_none_match = std::str::from_utf8(h.value)
+                .ok()
+                .map(|v| trim_ows(v).to_owned());
+            continue;
+        }
         // Non-UTF-8 values are legal in general, but ignoring one of these
         // would misread the request: its body length (and so where the next
         // request starts), its credentials.
@@ -202,6 +213,7 @@ pub fn parse(buf: &[u8], limits: Limits) -> Parsed {
             Field::Origin => out.origin = Some(value.to_owned()),
             Field::WsKey => out.ws_key = Some(value.to_owned()),
             Field::WsVersion => out.ws_version = Some(value.to_owned()),
+            Field::IfNoneMatch => {}
             Field::Expect => {
                 if value.eq_ignore_ascii_case("100-continue") {
                     expect_continue = true;
@@ -339,6 +351,8 @@ pub struct Response {
     pub allow: Option<&'static str>,
     /// Forces the connection closed after this response.
     pub close: bool,
+    /// More headers, each `Name: value` (the web client's files).
+    pub extra: Vec<(&'static str, String)>,
 }
 
 impl Response {
@@ -351,6 +365,7 @@ impl Response {
             body,
             allow: None,
             close: false,
+            extra: Vec::new(),
         }
     }
 
@@ -371,6 +386,7 @@ impl Response {
             body: Vec::new(),
             allow: Some(allow),
             close: false,
+            extra: Vec::new(),
         }
     }
 
@@ -387,6 +403,7 @@ impl Response {
             body: body.into_bytes(),
             allow: None,
             close: false,
+            extra: Vec::new(),
         }
     }
 }
@@ -398,6 +415,7 @@ pub fn reason(status: u16) -> &'static str {
         200 => "OK",
         201 => "Created",
         204 => "No Content",
+        304 => "Not Modified",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
@@ -435,8 +453,11 @@ pub fn serialize(
     if !resp.content_type.is_empty() {
         let _ = write!(head, "Content-Type: {}\r\n", resp.content_type);
     }
-    if resp.status != 204 {
+    if resp.status != 204 && resp.status != 304 {
         let _ = write!(head, "Content-Length: {}\r\n", resp.body.len());
+    }
+    for (name, value) in &resp.extra {
+        let _ = write!(head, "{name}: {value}\r\n");
     }
     if let Some(allow) = resp.allow {
         let _ = write!(head, "Allow: {allow}\r\n");

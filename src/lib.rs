@@ -20,6 +20,7 @@ pub mod presence;
 pub mod reactor;
 pub mod rooms;
 pub mod store;
+pub mod web;
 pub mod workers;
 pub mod ws;
 pub mod ws_input;

@@ -966,8 +966,10 @@ fn cors_origin_is_configurable() {
 #[test]
 fn unknown_path_404_json() {
     let s = Server::start();
+    // `/` is the web client (tests/web_files.rs; 404 with WEB_UI=false).
     for path in [
-        "/",
+        "/index.html",
+        "/web/nope.js",
         "/nope",
         "/rooms/x/y/z",
         "/registerx",

@@ -1202,7 +1202,10 @@ fn indexes_are_created_again_when_the_database_comes_back_empty() {
     );
     wait_ready(&s, Duration::from_secs(20));
     // The room is gone with the old database; a new join makes it again.
+    // Alice's leave is waited for: a member still in the room when bob
+    // speaks would make the room's write find no room, and close it (4404).
     drop(alice);
+    s.await_metric("chatconnect_ws_connections", "alice gone", |v| v == 0.0);
     let mut bob = s.ws("Wiped", "bob");
     let m = bob.round_trip("after", Duration::from_secs(10));
     assert_eq!(m["seq"], 1, "{m}");
