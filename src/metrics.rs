@@ -179,6 +179,9 @@ impl Store for TimedStore {
     fn connection_losses(&self) -> u64 {
         self.inner.connection_losses()
     }
+    fn heard(&self, room: &str, seq: Option<i64>) {
+        self.inner.heard(room, seq)
+    }
     fn append_many(&self, batches: &[RoomBatch]) -> Vec<StoreResult<Vec<StoredMessage>>> {
         let messages: usize = batches.iter().map(|b| b.messages.len()).sum();
         self.shared.batch_size.observe(messages as f64);

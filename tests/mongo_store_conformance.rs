@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use chatconnect::store::mongo::MongoStore;
 use chatconnect::store::{
-    NewMessage, Room, RoomBatch, Store, StoreError, StoreResult, StoredMessage,
+    DeleteOutcome, NewMessage, Room, RoomBatch, Store, StoreError, StoreResult, StoredMessage,
 };
 use mongodb::bson::{doc, Bson, DateTime, Document};
 
@@ -1155,4 +1155,66 @@ fn mongo_a_legacy_room_is_numbered_once_for_every_process() {
         seqs(&first.messages_before("Attic", None, 10).expect("read")),
         vec![1, 2, 3, 4]
     );
+}
+
+/// What another process said it stored (`Store::heard`, from the broker)
+/// is where this process numbers next, in both write paths; a hint for a
+/// deleted room is forgotten.
+#[test]
+fn mongo_numbers_after_what_another_process_said_it_stored() {
+    let db = TestDb::new("heard");
+    let a = connect(&db);
+    a.prepare().expect("prepare");
+    for name in ["Told", "Quiet"] {
+        a.create_room(&alices_room(name)).expect("create");
+        a.append_messages(name, &[msg("a", "first", now_ms())])
+            .expect("first");
+    }
+    // Another process writes 2..=4 into Told without raising last_seq, and
+    // says so through the broker.
+    assert_eq!(
+        other_writes(&db, Other::Unaware, "Told", &["b0", "b1", "b2"]),
+        vec![2, 3, 4]
+    );
+    a.heard("Told", Some(4));
+    let results = a.append_many(&[
+        RoomBatch {
+            room: "Told".into(),
+            messages: vec![msg("a", "t", now_ms())],
+        },
+        RoomBatch {
+            room: "Quiet".into(),
+            messages: vec![msg("a", "q", now_ms())],
+        },
+    ]);
+    let stored: Vec<Vec<StoredMessage>> = results.into_iter().map(|r| r.expect("write")).collect();
+    assert_eq!(seqs(&stored[0]), vec![5]);
+    assert_eq!(seqs(&stored[1]), vec![2]);
+    assert_eq!(other_writes(&db, Other::Unaware, "Told", &["b3"]), vec![6]);
+    a.heard("Told", Some(6));
+    let one = a
+        .append_messages("Told", &[msg("a", "u", now_ms())])
+        .expect("write");
+    assert_eq!(seqs(&one), vec![7]);
+    let all = a.messages_before("Told", None, 100).expect("read");
+    assert_eq!(seqs(&all), (1..=7).collect::<Vec<_>>());
+
+    // Deleted and made again: the old room's hint does not number the new.
+    a.heard("Told", Some(1000));
+    assert_eq!(
+        a.delete_room("Told", "alice").expect("delete"),
+        DeleteOutcome::Deleted
+    );
+    a.create_room(&alices_room("Told")).expect("again");
+    let fresh = a
+        .append_messages("Told", &[msg("a", "new", now_ms())])
+        .expect("write");
+    assert_eq!(seqs(&fresh), vec![1]);
+    // A room deleted through another process: its hint is withdrawn.
+    a.heard("Quiet", Some(1000));
+    a.heard("Quiet", None);
+    let next = a
+        .append_messages("Quiet", &[msg("a", "q2", now_ms())])
+        .expect("write");
+    assert_eq!(seqs(&next), vec![3]);
 }

@@ -22,6 +22,7 @@
 //! | `pipeline.rs` | group commit: pending messages to the store, stored batches back |
 //! | `joins.rs` | a new member's history (the cache, shared room reads), then live |
 //! | `relay.rs` | with a broker: batches of every process in seq order, gaps read from the store |
+//! | `census.rs` | member counts for `GET /rooms`: this process's, plus the other processes' with a broker |
 //! | `fanout.rs` | a stored batch queued to every member; slow consumers; closing a room |
 //! | `completions.rs` | the worker lanes, and the one place finished work comes back |
 //! | `timers.rs` | deadlines and pings |
@@ -139,7 +140,7 @@ impl Reactor {
             store: cfg.store_threads(),
             write: cfg.store_writers(),
         };
-        let (lanes, completions) = completions::start(&sizes, store, &waker)?;
+        let (lanes, completions) = completions::start(&sizes, store.clone(), &waker)?;
         let (broker, reporter) = match &cfg.broker_url {
             None => (None, None),
             Some(url) => {
@@ -173,7 +174,7 @@ impl Reactor {
             tick: timers::interval(&cfg),
             trim: Trim::new(),
             budget: Budget::new(cfg.max_client_memory),
-            relay: Relay::new(broker),
+            relay: Relay::new(broker, store),
             census: Census::new(reporter),
             mid_pass_events: Some(Events::with_capacity(1024)),
             conns,

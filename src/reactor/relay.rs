@@ -27,6 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::completions::{Lanes, Outcome};
@@ -83,6 +84,9 @@ pub(super) struct RelayStats {
 
 pub(super) struct Relay {
     broker: Option<Broker>,
+    /// Told what other processes stored (`Store::heard`), so that this
+    /// process numbers its next write of a room after theirs.
+    store: Arc<dyn Store>,
     rooms: HashMap<String, Sync>,
     /// Rooms with something to do in [`Relay::poll`]: batches held, a
     /// catch-up due, or a read under way. The pass looks only at these.
@@ -91,9 +95,10 @@ pub(super) struct Relay {
 }
 
 impl Relay {
-    pub(super) fn new(broker: Option<Broker>) -> Relay {
+    pub(super) fn new(broker: Option<Broker>, store: Arc<dyn Store>) -> Relay {
         Relay {
             broker,
+            store,
             rooms: HashMap::new(),
             pending: HashSet::new(),
             stats: RelayStats::default(),
@@ -215,6 +220,9 @@ impl Relay {
             // and catches up then.
             Event::Lost => {}
             Event::Batch(b) => {
+                if let Some(&last) = b.seqs.last() {
+                    self.store.heard(&b.room, Some(last));
+                }
                 let Some(key) = rooms.key_of(&b.room) else {
                     return;
                 };
@@ -223,6 +231,7 @@ impl Relay {
             // The census's, not the relay's (the completions route them).
             Event::Counts(_) => {}
             Event::Deleted(room) => {
+                self.store.heard(&room, None);
                 self.forget_position(&room);
                 joins.forget(&room);
                 if let Some(key) = rooms.key_of(&room) {

@@ -156,6 +156,16 @@ pub trait Store: Send + Sync {
         Ok(vec![(me.to_owned(), beat)])
     }
 
+    /// Another process stored messages of `room` up to `seq` (it said so
+    /// through the broker); `None`: `room` was deleted. Only a hint for
+    /// numbering this process's next write of the room: a store that
+    /// numbers from a cache (MongoDB) starts there instead of clashing with
+    /// the other process's numbers and renumbering. The default ignores it
+    /// (SQLite numbers from the database under its write lock).
+    fn heard(&self, room: &str, seq: Option<i64>) {
+        let _ = (room, seq);
+    }
+
     /// How many times the connection to the database was lost so far. A
     /// database that came back may have come back empty or older: whatever
     /// was cached from before is not to be trusted (`crate::presence`).

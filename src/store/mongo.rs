@@ -106,7 +106,28 @@ pub struct MongoStore {
     /// is not used for it), and how far it raised that document's
     /// `last_seq`.
     last_seq: Mutex<HashMap<String, Known>>,
+    /// The highest seq other processes said (through the broker) they
+    /// stored, per room: where this process's next write starts, so that
+    /// two processes writing one room do not clash on every write.
+    heard: Mutex<HashMap<String, i64>>,
 }
+
+/// How many multi-room inserts one `append_many` tries, each without the
+/// room that clashed in the one before.
+const TOGETHER_TRIES: usize = 4;
+
+/// What became of a multi-room insert (`MongoStore::append_together`).
+enum Together {
+    /// Written: each room's result, in order.
+    Written(Vec<StoreResult<Vec<StoredMessage>>>),
+    /// Nothing written, because of a numbering clash in the batch at this
+    /// index (when the server says which).
+    Clashed(Option<usize>),
+}
+
+/// Rooms `heard` remembers at most; past it, it starts again (it is only a
+/// hint: without it a write clashes once and renumbers).
+const HEARD_MAX: usize = 100_000;
 
 /// One room's entry in `MongoStore::last_seq`.
 struct Known {
@@ -144,6 +165,15 @@ fn error_code(e: &MongoError) -> Option<i32> {
             .and_then(|v| v.first())
             .map(|w| w.code),
         ErrorKind::Command(c) => Some(c.code),
+        _ => None,
+    }
+}
+
+/// The index (in the documents sent) of the first document an
+/// `insert_many` refused, if the error says.
+fn first_failed_index(e: &MongoError) -> Option<usize> {
+    match e.kind.as_ref() {
+        ErrorKind::InsertMany(im) => im.write_errors.as_ref()?.first().map(|w| w.index),
         _ => None,
     }
 }
@@ -334,6 +364,7 @@ impl MongoStore {
             numbered: Mutex::new(HashSet::new()),
             numbering: Mutex::new(HashMap::new()),
             last_seq: Mutex::new(HashMap::new()),
+            heard: Mutex::new(HashMap::new()),
         })
     }
 
@@ -525,7 +556,13 @@ impl MongoStore {
             .get(room)
             .filter(|k| k.key == head.key)
             .map_or((None, None), |k| (Some(k.seq), k.retired));
-        let last = match known.max(head.last_seq) {
+        let heard = self
+            .heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(room)
+            .copied();
+        let last = match known.max(head.last_seq).max(heard) {
             Some(s) => s,
             None => self.max_seq(room)?,
         };
@@ -655,6 +692,10 @@ impl MongoStore {
 
     fn forget_room(&self, room: &str) {
         self.numbered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(room);
+        self.heard
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(room);
@@ -938,13 +979,11 @@ impl MongoStore {
     /// The one-insert path of `append_many` (room names are distinct):
     /// one query for the room documents, one `insert_many`, and the check of
     /// `confirm_rooms`, however many rooms. Only a room without `last_seq`
-    /// (once per room) costs queries of its own. `Ok(None)`: a numbering
-    /// clash; nothing of this call is left stored and the caller writes
-    /// room by room instead.
-    fn append_together(
-        &self,
-        batches: &[RoomBatch],
-    ) -> StoreResult<Option<Vec<StoreResult<Vec<StoredMessage>>>>> {
+    /// (once per room) costs queries of its own. `Clashed`: a numbering
+    /// clash (another process took some of the numbers); nothing of this
+    /// call is left stored, and the clash names the batch whose numbers
+    /// were taken when the server says.
+    fn append_together(&self, batches: &[&RoomBatch]) -> StoreResult<Together> {
         self.ensure_prepared()?;
         let names: Vec<&str> = batches.iter().map(|b| b.room.as_str()).collect();
         let heads = self.existing_rooms(&names)?;
@@ -989,7 +1028,7 @@ impl MongoStore {
             results.push(Ok(stored));
         }
         if docs.is_empty() {
-            return Ok(Some(results));
+            return Ok(Together::Written(results));
         }
         if !behind.is_empty() {
             let raise: Vec<(&Bson, i64)> = behind.iter().map(|(_, k, t)| (*k, *t)).collect();
@@ -1014,7 +1053,13 @@ impl MongoStore {
             }
             let clean = self.take_back(&ids);
             if is_duplicate(&e) && clean {
-                return Ok(None);
+                let room = first_failed_index(&e).and_then(|doc| {
+                    spans
+                        .iter()
+                        .find(|(_, ids)| ids.contains(&doc))
+                        .map(|(batch, _)| *batch)
+                });
+                return Ok(Together::Clashed(room));
             }
             self.retire(&tops);
             return Err(unavailable(e));
@@ -1025,7 +1070,7 @@ impl MongoStore {
             tops: &tops,
         };
         match self.confirm_rooms(batches, &names, &written, &heads, &mut results) {
-            Ok(()) => Ok(Some(results)),
+            Ok(()) => Ok(Together::Written(results)),
             Err(e) => {
                 let _ = self.take_back(&ids);
                 self.retire(&tops);
@@ -1042,7 +1087,7 @@ impl MongoStore {
     /// `append_messages`; the others remember their new numbers.
     fn confirm_rooms(
         &self,
-        batches: &[RoomBatch],
+        batches: &[&RoomBatch],
         names: &[&str],
         written: &Written,
         before: &HashMap<String, RoomHead>,
@@ -1393,16 +1438,51 @@ impl Store for MongoStore {
     /// numbering clash
     /// (another process wrote into one of the rooms) takes this write's
     /// documents back out and stores room by room, where clashes are retried.
+    /// All rooms in one insert; after a clash the room whose numbers were
+    /// taken is set aside and the others are tried together again (a few
+    /// times), so one busy room shared with another process does not send
+    /// every room of the pass down the room-by-room path. What is set
+    /// aside, or left after the tries, is written room by room.
     fn append_many(&self, batches: &[RoomBatch]) -> Vec<StoreResult<Vec<StoredMessage>>> {
         let names: HashSet<&str> = batches.iter().map(|b| b.room.as_str()).collect();
         if batches.len() < 2 || names.len() != batches.len() {
             return append_each(self, batches);
         }
-        match self.append_together(batches) {
-            Ok(Some(results)) => results,
-            Ok(None) => append_each(self, batches),
-            Err(e) => batches.iter().map(|_| Err(e.clone())).collect(),
+        let mut results: Vec<Option<StoreResult<Vec<StoredMessage>>>> =
+            batches.iter().map(|_| None).collect();
+        // Indexes in `batches` still to write together.
+        let mut together: Vec<usize> = (0..batches.len()).collect();
+        for _ in 0..TOGETHER_TRIES {
+            if together.len() < 2 {
+                break;
+            }
+            let these: Vec<&RoomBatch> = together.iter().map(|&i| &batches[i]).collect();
+            match self.append_together(&these) {
+                Ok(Together::Written(written)) => {
+                    for (&i, r) in together.iter().zip(written) {
+                        results[i] = Some(r);
+                    }
+                    together.clear();
+                }
+                Ok(Together::Clashed(Some(k))) => {
+                    together.remove(k);
+                    continue;
+                }
+                Ok(Together::Clashed(None)) => {}
+                Err(e) => {
+                    for &i in &together {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                    together.clear();
+                }
+            }
+            break;
         }
+        results
+            .into_iter()
+            .zip(batches)
+            .map(|(r, b)| r.unwrap_or_else(|| self.append_messages(&b.room, &b.messages)))
+            .collect()
     }
 
     fn announce(&self, me: &str, beat: i64) -> StoreResult<Vec<(String, i64)>> {
@@ -1428,6 +1508,22 @@ impl Store for MongoStore {
             }
         }
         Ok(all)
+    }
+
+    fn heard(&self, room: &str, seq: Option<i64>) {
+        let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        match seq {
+            Some(seq) => {
+                if heard.len() >= HEARD_MAX && !heard.contains_key(room) {
+                    heard.clear();
+                }
+                let e = heard.entry(room.to_owned()).or_insert(seq);
+                *e = (*e).max(seq);
+            }
+            None => {
+                heard.remove(room);
+            }
+        }
     }
 
     fn connection_losses(&self) -> u64 {
