@@ -55,6 +55,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
+# shellcheck disable=SC2034  # read by scripts/lib/common.sh (its log lines)
 prog=bench.sh
 # shellcheck source=scripts/lib/common.sh
 source "$root/scripts/lib/common.sh"
@@ -146,15 +147,22 @@ pid=""
 data=""
 addr=""
 
+# reap PID [TENTHS]: wait up to TENTHS tenths of a second (default 100) for
+# a process already sent SIGTERM to exit, then kill it.
+reap() {
+    local p=$1 tenths=${2:-100}
+    for _ in $(seq 1 "$tenths"); do
+        kill -0 "$p" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+}
+
 stop_target() {
     if [[ -n $pid ]]; then
         kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
+        reap "$pid"
         pid=""
     fi
     if [[ -n $data ]]; then
@@ -329,24 +337,12 @@ start_cluster() {
 stop_cluster() {
     local p
     for p in "${cpids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${cpids[@]}"; do
-        for _ in $(seq 1 100); do
-            kill -0 "$p" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$p" 2>/dev/null || true
-        wait "$p" 2>/dev/null || true
-    done
+    for p in "${cpids[@]}"; do reap "$p"; done
     cpids=()
     caddrs=()
     if [[ -n $redis_pid ]]; then
         kill -TERM "$redis_pid" 2>/dev/null || true
-        for _ in $(seq 1 50); do
-            kill -0 "$redis_pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$redis_pid" 2>/dev/null || true
-        wait "$redis_pid" 2>/dev/null || true
+        reap "$redis_pid" 50
         redis_pid=""
     fi
     if [[ -n $cdir ]]; then
