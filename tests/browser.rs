@@ -5,7 +5,8 @@
 //! an open page is recovered from, with what was sent meanwhile shown once;
 //! user content that looks like HTML stays text; token mode logs in and
 //! refuses a wrong password; a room deleted from the page sends its members
-//! back to the list. The tests fail, never skip, when Chromium cannot start
+//! back to the list; scrolling up pages through older messages, and an
+//! error frame shows in the room. The tests fail, never skip, when Chromium cannot start
 //! (`scripts/test.sh` installs it).
 //!
 //! The desktop and phone screenshots in `docs/screenshots/` come from
@@ -499,4 +500,54 @@ fn a_room_deleted_from_the_page_sends_its_members_back_to_the_list() {
         "the notice",
     );
     assert!(!server.rooms().iter().any(|r| r["name"] == room.as_str()));
+}
+
+#[test]
+fn older_messages_load_on_scrolling_up_and_error_frames_show_in_place() {
+    let _one = serial();
+    let server = Server::start_with(&[("WS_RATE_LIMIT", "0"), ("MAX_MESSAGE_CHARS", "40")]);
+    let room = uniq("long-history");
+    let mut writer = server.ws(&room, "archivist");
+    for k in 1..=120 {
+        writer.send_content(&format!("old message {k}"));
+    }
+    let _ = writer.recv_n(120, Duration::from_secs(30));
+
+    let b = browser(DESKTOP);
+    let tab = open(&b, &server);
+    register_in_page(&tab, "kim");
+    enter_from_list(&tab, &room);
+    wait_shown(&tab, "old message 120");
+    assert_eq!(shown(&tab).len(), 50, "the newest page first");
+    // Scrolling to the top loads the pages before it, until the first.
+    for want in [100, 120] {
+        eval(
+            &tab,
+            "document.getElementById('messages').scrollTop = 0, true",
+        );
+        wait_for(
+            &tab,
+            &format!("document.querySelectorAll('#messages .msg').length === {want}"),
+            &format!("{want} messages after scrolling up"),
+        );
+    }
+    let rows = shown(&tab);
+    assert_eq!(rows[0].2, "old message 1");
+    assert_once_in_order(&rows);
+    wait_for(
+        &tab,
+        "document.getElementById('older').hidden",
+        "no more to load",
+    );
+
+    // A message over the server's limit: its error frame is shown in the
+    // room, and the connection goes on.
+    say(&tab, "this message is far longer than forty characters");
+    wait_for(
+        &tab,
+        "[...document.querySelectorAll('#messages .system.error')].some(li => li.textContent.includes('too long'))",
+        "the error frame",
+    );
+    say(&tab, "short one");
+    wait_shown(&tab, "short one");
 }
