@@ -436,6 +436,26 @@ fn token_mode_logs_in_with_a_token_and_refuses_a_wrong_password() {
         .find(|r| r["name"] == room.as_str())
         .expect("listed");
     assert_eq!(made["creator"], "heidi");
+
+    // A kept token that has expired sends the page back to the sign-in
+    // form instead of retrying a connection the server refuses.
+    eval(
+        &tab,
+        "localStorage.setItem('chatconnect.session', JSON.stringify({username: 'heidi', \
+         token: 'e30.' + btoa(JSON.stringify({sub: 'heidi', exp: 1})).replace(/=+$/, '') + '.x'})), true",
+    );
+    tab.reload(false, None).expect("reload");
+    tab.wait_until_navigated().expect("reloaded");
+    wait_for(
+        &tab,
+        &visible("signin"),
+        "the sign-in form for an expired token",
+    );
+    wait_for(
+        &tab,
+        "document.getElementById('notice').textContent.includes('expired')",
+        "the notice",
+    );
 }
 
 #[test]

@@ -30,6 +30,18 @@ function loadSession() {
 
 let session = loadSession();
 
+/** Whether the session's token (a JWT) has passed its `exp`. */
+function tokenExpired(s) {
+  if (!s?.token) return false;
+  try {
+    const part = s.token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    const claims = JSON.parse(atob(part));
+    return typeof claims.exp === 'number' && claims.exp * 1000 <= Date.now();
+  } catch {
+    return true;
+  }
+}
+
 function saveSession(s) {
   session = s;
   if (s) localStorage.setItem(SESSION_KEY, JSON.stringify(s));
@@ -320,6 +332,11 @@ function connect() {
 
 /** Reconnect after a backoff that doubles up to RETRY_MAX_MS, with jitter. */
 function retry(c) {
+  if (tokenExpired(session)) {
+    closeRoom();
+    route();
+    return;
+  }
   const base = Math.min(RETRY_MAX_MS, RETRY_MIN_MS * 2 ** c.attempt);
   const wait = Math.round(base / 2 + Math.random() * base / 2);
   c.attempt += 1;
@@ -444,6 +461,10 @@ function setupRoom() {
 // --- routing -------------------------------------------------------------
 
 function route() {
+  if (tokenExpired(session)) {
+    saveSession(null);
+    notice('Your session has expired: log in again.');
+  }
   if (!session) {
     closeRoom();
     show('signin');
