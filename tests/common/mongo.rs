@@ -509,30 +509,27 @@ impl FerretInstance {
         }
     }
 
-    /// Stop it at once with SIGKILL (a crash).
-    pub fn kill(&mut self) {
-        self.proc.kill();
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        self.proc.is_running()
-    }
-
-    /// The process id while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.pid()
-    }
-
-    pub fn port(&self) -> u16 {
-        self.proc.port()
-    }
-
     pub fn uri(&self) -> String {
         format!("mongodb://127.0.0.1:{}/", self.port())
     }
 
     pub fn log_tail(&self) -> String {
         log_tail(&self.dir.join("ferretdb.log"), 4000)
+    }
+}
+
+/// `kill`, `is_running`, `pid`, `port` and `addr` are the process's
+/// (`service::ServiceProcess`).
+impl std::ops::Deref for FerretInstance {
+    type Target = ServiceProcess;
+    fn deref(&self) -> &ServiceProcess {
+        &self.proc
+    }
+}
+
+impl std::ops::DerefMut for FerretInstance {
+    fn deref_mut(&mut self) -> &mut ServiceProcess {
+        &mut self.proc
     }
 }
 

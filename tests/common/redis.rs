@@ -101,32 +101,9 @@ impl Redis {
             .start(PORT_RETRY, |port| spawn_redis(bin, dir, port));
     }
 
-    /// Stop it at once with SIGKILL (a crash) and wait for it to be gone.
-    pub fn kill(&mut self) {
-        self.proc.kill();
-    }
-
-    /// True while the process runs.
-    pub fn is_running(&mut self) -> bool {
-        self.proc.is_running()
-    }
-
-    /// The process id while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.pid()
-    }
-
-    pub fn port(&self) -> u16 {
-        self.proc.port()
-    }
-
     /// The address for `BROKER_URL`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port())
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.proc.addr()
     }
 
     /// The directory Redis runs in (its log is there).
@@ -154,6 +131,21 @@ impl Redis {
     /// Like [`cmd`](Self::cmd), with the failure as a value.
     pub fn try_cmd(&self, args: &[&str]) -> Result<String, String> {
         command(self.addr(), args, CMD_TIMEOUT)
+    }
+}
+
+/// `kill`, `is_running`, `pid`, `port` and `addr` are the process's
+/// (`service::ServiceProcess`).
+impl std::ops::Deref for Redis {
+    type Target = ServiceProcess;
+    fn deref(&self) -> &ServiceProcess {
+        &self.proc
+    }
+}
+
+impl std::ops::DerefMut for Redis {
+    fn deref_mut(&mut self) -> &mut ServiceProcess {
+        &mut self.proc
     }
 }
 
