@@ -178,7 +178,7 @@ impl Rooms {
     }
 
     /// Every room with members here, with how many.
-    pub fn member_counts(&self) -> Vec<(String, u64)> {
+    pub fn member_counts(&self) -> HashMap<String, u64> {
         self.slab
             .iter()
             .filter(|(_, r)| !r.members.is_empty())

@@ -33,7 +33,7 @@ pub const REFRESH: Duration = Duration::from_secs(1);
 pub const EXPIRY: Duration = Duration::from_secs(3);
 
 /// Members per room in this process (rooms with none are left out).
-pub type Counts = Vec<(String, u64)>;
+pub type Counts = HashMap<String, u64>;
 
 /// The reactor's side: hands the census thread this process's counts.
 pub struct Reporter {
@@ -86,7 +86,7 @@ pub(super) fn run(
 ) {
     let mut conn: Option<redis::Connection> = None;
     let mut backoff = Backoff::new();
-    let mut latest: Counts = Vec::new();
+    let mut latest = Counts::new();
     let mut next_round = Instant::now();
     // Whether the others' counts last reported were empty because Redis
     // was away (so an empty report is not sent again every round).
@@ -119,30 +119,25 @@ pub(super) fn run(
                 Err(_) => backoff.failed(),
             }
         }
-        let outcome = match &mut conn {
-            Some(c) => round(c, &keys, &latest),
-            None => Err(None),
-        };
-        match outcome {
-            Ok(others) => {
-                stats
-                    .instances
-                    .store(others.instances + 1, Ordering::Relaxed);
-                reported_empty = false;
-                deliver(Event::Counts(others.members));
-            }
-            Err(e) => {
-                if let Some(e) = e {
-                    log::debug!("broker: member counts round failed: {e}");
-                    conn = None;
-                    backoff.failed();
-                }
-                stats.instances.store(0, Ordering::Relaxed);
-                if !reported_empty {
-                    reported_empty = true;
-                    deliver(Event::Counts(HashMap::new()));
-                }
-            }
+        let outcome = conn.as_mut().map(|c| round(c, &keys, &latest));
+        if let Some(Ok(others)) = outcome {
+            stats
+                .instances
+                .store(others.instances + 1, Ordering::Relaxed);
+            reported_empty = false;
+            deliver(Event::Counts(others.members));
+            continue;
+        }
+        if let Some(Err(e)) = outcome {
+            log::debug!("broker: member counts round failed: {e}");
+            conn = None;
+            backoff.failed();
+        }
+        // No Redis: this process counts only its own members.
+        stats.instances.store(0, Ordering::Relaxed);
+        if !reported_empty {
+            reported_empty = true;
+            deliver(Event::Counts(HashMap::new()));
         }
     }
 }
@@ -156,13 +151,8 @@ struct Others {
 }
 
 /// Write this process's counts, then read everyone else's.
-fn round(
-    c: &mut redis::Connection,
-    keys: &Keys,
-    counts: &Counts,
-) -> Result<Others, Option<redis::RedisError>> {
-    let value = serde_json::to_vec(&counts.iter().cloned().collect::<HashMap<_, _>>())
-        .expect("a map of strings to numbers is JSON");
+fn round(c: &mut redis::Connection, keys: &Keys, counts: &Counts) -> redis::RedisResult<Others> {
+    let value = serde_json::to_vec(counts).expect("a map of strings to numbers is JSON");
     let (ids,): (Vec<String>,) = redis::pipe()
         .cmd("SET")
         .arg(&keys.mine)
@@ -176,8 +166,7 @@ fn round(
         .ignore()
         .cmd("SMEMBERS")
         .arg(&keys.instances)
-        .query(c)
-        .map_err(Some)?;
+        .query(c)?;
     let others: Vec<String> = ids.into_iter().filter(|id| *id != keys.id).collect();
     let mut out = Others {
         instances: 0,
@@ -187,7 +176,7 @@ fn round(
         return Ok(out);
     }
     let names: Vec<String> = others.iter().map(|id| keys.of(id)).collect();
-    let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(&names).query(c).map_err(Some)?;
+    let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(&names).query(c)?;
     let mut gone = Vec::new();
     for (id, value) in others.iter().zip(values) {
         let Some(value) = value else {
@@ -204,11 +193,7 @@ fn round(
         }
     }
     if !gone.is_empty() {
-        redis::cmd("SREM")
-            .arg(&keys.instances)
-            .arg(&gone)
-            .exec(c)
-            .map_err(Some)?;
+        redis::cmd("SREM").arg(&keys.instances).arg(&gone).exec(c)?;
     }
     Ok(out)
 }

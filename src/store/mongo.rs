@@ -1513,13 +1513,17 @@ impl Store for MongoStore {
     fn heard(&self, room: &str, seq: Option<i64>) {
         let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
         match seq {
-            Some(seq) => {
-                if heard.len() >= HEARD_MAX && !heard.contains_key(room) {
-                    heard.clear();
+            // Called for every batch from the broker: the name is copied
+            // only for a room not heard of before.
+            Some(seq) => match heard.get_mut(room) {
+                Some(top) => *top = (*top).max(seq),
+                None => {
+                    if heard.len() >= HEARD_MAX {
+                        heard.clear();
+                    }
+                    heard.insert(room.to_owned(), seq);
                 }
-                let e = heard.entry(room.to_owned()).or_insert(seq);
-                *e = (*e).max(seq);
-            }
+            },
             None => {
                 heard.remove(room);
             }
