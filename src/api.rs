@@ -226,11 +226,9 @@ impl Api {
                     allowed("GET, OPTIONS")?;
                     return self.room_messages(conn, req, name);
                 }
-                if let Some(web) = self.web.as_ref().filter(|w| w.serves(path)) {
+                if let Some(asset) = self.web.as_ref().and_then(|w| w.asset(path)) {
                     allowed("GET, OPTIONS")?;
-                    if let Some(resp) = web.answer(req, path) {
-                        return Ok(Action::Reply(resp));
-                    }
+                    return Ok(Action::Reply(asset.answer(req)));
                 }
                 Err(Response::error(404, "Not found"))
             }

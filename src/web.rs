@@ -22,7 +22,7 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
                    form-action 'none'; frame-ancestors 'none'";
 
 /// One embedded file.
-struct Asset {
+pub struct Asset {
     path: &'static str,
     content_type: &'static str,
     body: Vec<u8>,
@@ -72,33 +72,34 @@ impl Web {
         Web { assets }
     }
 
-    /// Whether `path` is one of the files.
-    pub fn serves(&self, path: &str) -> bool {
-        self.assets.iter().any(|a| a.path == path)
+    /// The file served at `path`, if any.
+    pub fn asset(&self, path: &str) -> Option<&Asset> {
+        self.assets.iter().find(|a| a.path == path)
     }
+}
 
-    /// The answer for a `GET` or `HEAD` of `path` (one of the files):
-    /// `200` with the file, or `304` when the browser's copy is current.
-    pub fn answer(&self, req: &Request, path: &str) -> Option<Response> {
-        let a = self.assets.iter().find(|a| a.path == path)?;
+impl Asset {
+    /// The answer for a `GET` or `HEAD` of this file: `200` with it, or
+    /// `304` when the browser's copy is current.
+    pub fn answer(&self, req: &Request) -> Response {
         let fresh = req
             .if_none_match
             .as_deref()
-            .is_some_and(|v| etag_matches(v, &a.etag));
-        let mut resp = Response::text(200, a.content_type, String::new());
+            .is_some_and(|v| etag_matches(v, &self.etag));
+        let mut resp = Response::text(200, self.content_type, String::new());
         if fresh {
             resp.status = 304;
         } else {
-            resp.body = a.body.clone();
+            resp.body = self.body.clone();
         }
         resp.extra = vec![
-            ("ETag", a.etag.clone()),
+            ("ETag", self.etag.clone()),
             ("Cache-Control", "no-cache".into()),
             ("Content-Security-Policy", CSP.into()),
             ("X-Content-Type-Options", "nosniff".into()),
             ("Referrer-Policy", "no-referrer".into()),
         ];
-        Some(resp)
+        resp
     }
 }
 
