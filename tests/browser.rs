@@ -126,14 +126,32 @@ fn register_in_page(tab: &Tab, name: &str) {
     wait_for(tab, &visible("lobby"), "the room list after registering");
 }
 
+/// A JavaScript expression: the item of `room` in the room list, or
+/// `undefined` while it is not listed.
+fn listed(room: &str) -> String {
+    format!(
+        "[...document.querySelectorAll('#rooms .room-item')].find(li => \
+         li.querySelector('.room-link').textContent === {})",
+        serde_json::to_string(room).unwrap()
+    )
+}
+
 /// Open `room` from the list (it must be listed) and wait until live.
 fn enter_from_list(tab: &Tab, room: &str) {
-    let link = format!(
-        "[...document.querySelectorAll('#rooms .room-link')].find(a => a.textContent === {})",
-        serde_json::to_string(room).unwrap()
+    let item = listed(room);
+    wait_for(tab, &format!("!!({item})"), "the room in the list");
+    eval(
+        tab,
+        &format!("({item}).querySelector('.room-link').click(), true"),
     );
-    wait_for(tab, &format!("!!({link})"), "the room in the list");
-    eval(tab, &format!("({link}).click(), true"));
+    wait_live(tab);
+}
+
+/// Make `room` from the list's form with the keyboard (its name, then
+/// Enter), which opens it; wait until live.
+fn create_in_page(tab: &Tab, room: &str) {
+    type_into(tab, "#room-name", room);
+    tab.press_key("Enter").expect("Enter");
     wait_live(tab);
 }
 
@@ -232,9 +250,7 @@ fn two_browsers_talk_both_ways_and_a_reload_resumes_without_duplicates() {
         .is_some_and(|v| v.contains("script-src 'self'")));
     register_in_page(&ta, "alice");
     // Keyboard only: the name field, then Enter.
-    type_into(&ta, "#room-name", &room);
-    ta.press_key("Enter").expect("Enter");
-    wait_live(&ta);
+    create_in_page(&ta, &room);
     say(&ta, "hello from alice");
     wait_shown(&ta, "hello from alice");
 
@@ -278,10 +294,8 @@ fn two_browsers_talk_both_ways_and_a_reload_resumes_without_duplicates() {
     let tc = open(&c, &server);
     register_in_page(&tc, "carol");
     let meta = format!(
-        "[...document.querySelectorAll('#rooms .room-item')].some(li => \
-         li.querySelector('.room-link').textContent === {} && \
-         li.querySelector('.meta').textContent.startsWith('2 online'))",
-        serde_json::to_string(&room).unwrap()
+        "!!({item}) && ({item}).querySelector('.meta').textContent.startsWith('2 online')",
+        item = listed(&room)
     );
     wait_for(&tc, &meta, "2 members listed");
     screenshot(&tc, "desktop-rooms.png");
@@ -316,9 +330,7 @@ fn a_server_restart_under_an_open_page_is_recovered_with_nothing_twice() {
     let b = browser(DESKTOP);
     let tab = open(&b, &server);
     register_in_page(&tab, "erin");
-    type_into(&tab, "#room-name", &room);
-    tab.press_key("Enter").expect("Enter");
-    wait_live(&tab);
+    create_in_page(&tab, &room);
     say(&tab, "before the restart");
     wait_shown(&tab, "before the restart");
 
@@ -466,9 +478,7 @@ fn a_room_deleted_from_the_page_sends_its_members_back_to_the_list() {
     let a = browser(DESKTOP);
     let owner = open(&a, &server);
     register_in_page(&owner, "ivan");
-    type_into(&owner, "#room-name", &room);
-    owner.press_key("Enter").expect("Enter");
-    wait_live(&owner);
+    create_in_page(&owner, &room);
     click(&owner, "#back");
     wait_for(&owner, &visible("lobby"), "the list");
 
@@ -476,11 +486,7 @@ fn a_room_deleted_from_the_page_sends_its_members_back_to_the_list() {
     let member = open(&b, &server);
     register_in_page(&member, "judy");
     // Only the creator is offered the delete button.
-    let rooms_js = format!(
-        "[...document.querySelectorAll('#rooms .room-item')].find(li => \
-         li.querySelector('.room-link').textContent === {})",
-        serde_json::to_string(&room).unwrap()
-    );
+    let rooms_js = listed(&room);
     wait_for(&member, &format!("!!({rooms_js})"), "the room listed");
     assert_eq!(
         eval(
