@@ -67,7 +67,8 @@ pub fn serve(cfg: Config) -> Result<(), String> {
 
     // Other processes on the same database: the history cache trusts itself
     // only while there are none (`presence`).
-    let presence = presence::Presence::new();
+    let counted = store.clone();
+    let presence = presence::Presence::new(Box::new(move || counted.connection_losses()));
     let announcing = presence::start(presence.clone(), store.clone())
         .map_err(|e| format!("cannot start the presence thread: {e}"))?;
 

@@ -23,6 +23,10 @@
 //!   *generation*. A cache entry is
 //!   served only under the generation its store read began in, so an entry
 //!   that could have missed another process's write is never served.
+//! - A lost connection ends trust at once, not at the next round: from the
+//!   moment the store counts the loss until a round begun after it has
+//!   succeeded (and so started a new generation), nothing is served from
+//!   the cache.
 //! - A process is taken for gone when its counter has not moved for
 //!   [`DEAD_AFTER`] (no clocks are compared across hosts); one that stops
 //!   cleanly withdraws at once.
@@ -57,8 +61,15 @@ const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// Never: a time (in milliseconds since `start`) that is not reached.
 const NEVER: u64 = u64::MAX;
 
+/// Reads the store's count of lost connections (`Store::connection_losses`).
+pub type LossCount = Box<dyn Fn() -> u64 + Send + Sync>;
+
 pub struct Presence {
     started: Instant,
+    /// The store's count of lost connections, now.
+    losses: LossCount,
+    /// That count when the last successful round began.
+    losses_at_view: AtomicU64,
     /// `generation << 1 | alone`, in one atomic so both change together.
     state: AtomicU64,
     /// When the last successful round started, in ms since `started` (plus
@@ -73,9 +84,12 @@ pub struct Presence {
 
 impl Presence {
     /// Nothing is trusted or written until [`start`]'s thread has a view.
-    pub fn new() -> Arc<Presence> {
+    /// `losses` reads the store's count of lost connections.
+    pub fn new(losses: LossCount) -> Arc<Presence> {
         Arc::new(Presence {
             started: Instant::now(),
+            losses,
+            losses_at_view: AtomicU64::new(0),
             state: AtomicU64::new(0),
             view_at: AtomicU64::new(0),
             writable_from: AtomicU64::new(NEVER),
@@ -90,13 +104,15 @@ impl Presence {
 
     /// The generation a cache entry must carry to be served now, or `None`
     /// when the cache is not to be trusted (another process may be writing,
-    /// or this view is too old to say).
+    /// this view is too old to say, or the connection to the database was
+    /// lost since the view began).
     pub fn generation(&self) -> Option<u64> {
         let state = self.state.load(Ordering::SeqCst);
         let view_at = self.view_at.load(Ordering::SeqCst);
         let fresh = view_at > 0
             && self.now_ms().saturating_sub(view_at - 1) < VIEW_MAX_AGE.as_millis() as u64;
-        (fresh && state & 1 == 1).then_some(state >> 1)
+        let connected = (self.losses)() == self.losses_at_view.load(Ordering::SeqCst);
+        (fresh && connected && state & 1 == 1).then_some(state >> 1)
     }
 
     /// Whether this process may write the database now.
@@ -186,14 +202,20 @@ pub fn start(presence: Arc<Presence>, store: Arc<dyn Store>) -> std::io::Result<
 /// One announcement and look at the others.
 fn round(presence: &Presence, store: &dyn Store, view: &mut View, began: Instant) {
     view.beat += 1;
-    let losses = store.connection_losses();
-    if losses != view.losses {
-        view.losses = losses;
-        view.failed = true;
-    }
+    note_losses(presence, view);
     let list = store.announce(&view.me, view.beat);
     for id in apply(presence, view, list, began) {
         let _ = store.withdraw(&id);
+    }
+}
+
+/// Before a round: a connection lost since the last one is a break in the
+/// view, as a failed round is.
+fn note_losses(presence: &Presence, view: &mut View) {
+    let losses = (presence.losses)();
+    if losses != view.losses {
+        view.losses = losses;
+        view.failed = true;
     }
 }
 
@@ -266,6 +288,9 @@ fn apply(
         Ordering::SeqCst,
     );
     presence.peers.store(others, Ordering::Relaxed);
+    // After the new generation: a reader that sees this count also sees
+    // the generation started for it.
+    presence.losses_at_view.store(view.losses, Ordering::SeqCst);
     forget
 }
 
@@ -295,20 +320,21 @@ mod tests {
 
     fn step(p: &Presence, board: &Board, v: &mut View, began: Instant) {
         v.beat += 1;
+        note_losses(p, v);
         let list = board.announce(&v.me, v.beat);
         apply(p, v, list, began);
     }
 
     #[test]
     fn nothing_is_trusted_or_written_before_a_view() {
-        let p = Presence::new();
+        let p = Presence::new(Box::new(|| 0));
         assert_eq!(p.generation(), None);
         assert!(!p.may_write());
     }
 
     #[test]
     fn alone_a_process_trusts_its_cache_and_writes_at_once() {
-        let p = Presence::new();
+        let p = Presence::new(Box::new(|| 0));
         let board = Board {
             others: std::sync::Mutex::new(Some(Vec::new())),
         };
@@ -326,7 +352,7 @@ mod tests {
 
     #[test]
     fn another_process_ends_trust_until_a_round_after_it_is_gone() {
-        let p = Presence::new();
+        let p = Presence::new(Box::new(|| 0));
         let board = Board {
             others: std::sync::Mutex::new(Some(vec![("other".into(), 1)])),
         };
@@ -344,7 +370,7 @@ mod tests {
 
     #[test]
     fn a_break_in_the_view_starts_a_new_generation() {
-        let p = Presence::new();
+        let p = Presence::new(Box::new(|| 0));
         let board = Board {
             others: std::sync::Mutex::new(Some(Vec::new())),
         };
@@ -362,5 +388,23 @@ mod tests {
         assert_eq!(v.generation, g);
         step(&p, &board, &mut v, t0 + 4 * PERIOD + VIEW_MAX_AGE);
         assert!(v.generation > g, "so does a long pause");
+    }
+
+    #[test]
+    fn a_lost_connection_ends_trust_at_once_until_a_round_after_it() {
+        let lost = Arc::new(AtomicU64::new(0));
+        let count = lost.clone();
+        let p = Presence::new(Box::new(move || count.load(Ordering::SeqCst)));
+        let board = Board {
+            others: std::sync::Mutex::new(Some(Vec::new())),
+        };
+        let mut v = view();
+        step(&p, &board, &mut v, Instant::now());
+        let g = p.generation().expect("trusted");
+        lost.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(p.generation(), None, "distrusted before the next round");
+        step(&p, &board, &mut v, Instant::now());
+        let after = p.generation().expect("trusted again after a round");
+        assert!(after > g, "under a new generation: {after} after {g}");
     }
 }
