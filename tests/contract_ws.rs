@@ -143,10 +143,7 @@ fn upgrade_to_a_room_being_deleted_is_503_until_the_delete_is_done() {
 
     // With the write lock taken, the delete waits in the store (up to the
     // server's 5 s busy timeout) and the room stays fenced.
-    let lock = rusqlite::Connection::open(s.data_dir().join("chatconnect.db"))
-        .expect("open the database beside the server");
-    lock.execute_batch("BEGIN IMMEDIATE")
-        .expect("take the write lock");
+    let lock = s.hold_write_lock();
     let mut parsed = Parsed::start(&s);
     let mut delete = RawHttp::connect(s.addr());
     delete.send(

@@ -43,9 +43,7 @@ fn joins_of_one_room_share_one_read_and_each_get_exactly_their_history() {
     s.restart();
     await_trusted(&s);
 
-    let lock = rusqlite::Connection::open(s.data_dir().join("chatconnect.db")).expect("open db");
-    lock.execute_batch("BEGIN IMMEDIATE")
-        .expect("take the write lock");
+    let lock = s.hold_write_lock();
     let mut delete = RawHttp::connect(s.addr());
     delete.send(
         format!(

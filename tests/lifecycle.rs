@@ -177,10 +177,7 @@ fn sigterm_with_a_stuck_store_tells_senders_and_keeps_its_timeout() {
     let room = uniq("StuckStore");
     let mut a = s.ws(&room, "a");
     a.round_trip("before", WAIT);
-    let lock = rusqlite::Connection::open(s.data_dir().join("chatconnect.db"))
-        .expect("open the database beside the server");
-    lock.execute_batch("BEGIN IMMEDIATE")
-        .expect("take the write lock");
+    let lock = s.hold_write_lock();
     // The first is being written (waiting for the lock), the rest wait for
     // it. The loop hands a message to the store in the pass that read it,
     // so once /metrics (answered in a later pass) counts m0, it is out.

@@ -4,8 +4,9 @@
 //! the server's five-second wait fails the write with an error frame
 //! instead of stalling the room.
 //!
-//! The lock is taken here with `BEGIN IMMEDIATE` on a connection of the test's
-//! own, which is what another process's write transaction holds.
+//! The lock is taken with `Server::hold_write_lock`: `BEGIN IMMEDIATE` on a
+//! connection of the test's own, which is what another process's write
+//! transaction holds.
 
 mod common;
 
@@ -15,18 +16,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-fn lock_database(s: &Server) -> rusqlite::Connection {
-    let lock = rusqlite::Connection::open(s.data_dir().join("chatconnect.db"))
-        .expect("open the database beside the server");
-    lock.execute_batch("BEGIN IMMEDIATE")
-        .expect("take the write lock");
-    lock
-}
-
 /// How long after the lock's release the sender's own message came back,
 /// having sent it `held` before the release.
 fn delivered_after_release(s: &Server, c: &mut WsClient, text: &str, held: Duration) -> Duration {
-    let lock = lock_database(s);
+    let lock = s.hold_write_lock();
     c.send_content(text);
     thread::sleep(held);
     lock.execute_batch("ROLLBACK").expect("release the lock");
@@ -68,7 +61,7 @@ fn a_lock_held_past_the_wait_fails_the_write_with_an_error_frame() {
     let room = uniq("Stuck");
     let mut c = s.ws(&room, "writer");
     c.round_trip("the room exists", WAIT);
-    let lock = lock_database(&s);
+    let lock = s.hold_write_lock();
     let sent = Instant::now();
     c.send_content("never stored");
     let frame: Value = match c.recv(Duration::from_secs(15)) {

@@ -198,6 +198,17 @@ impl Server {
         self.root.path().join("data")
     }
 
+    /// Take SQLite's write lock on the server's database from a connection
+    /// of the test's own (`BEGIN IMMEDIATE`, what another process's write
+    /// holds) until the returned connection rolls back or is dropped.
+    pub fn hold_write_lock(&self) -> rusqlite::Connection {
+        let lock = rusqlite::Connection::open(self.data_dir().join("chatconnect.db"))
+            .expect("open the database beside the server");
+        lock.execute_batch("BEGIN IMMEDIATE")
+            .expect("take the write lock");
+        lock
+    }
+
     /// The last log lines (stderr and stdout), for failure messages.
     pub fn log_text(&self) -> String {
         let l = self.log.lock().unwrap_or_else(|p| p.into_inner());
